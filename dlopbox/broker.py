@@ -1,0 +1,120 @@
+"""RabbitMQ topology: one durable fanout exchange, a durable queue per client, least privilege.
+
+The interface publishes each batch as one persistent message with publisher confirms;
+each client declares and binds its own quorum queue, so it keeps receiving while offline.
+The definitions (users and permissions) are generated here so tests and containers load
+the very same least-privilege rules: only the interface may publish to the exchange.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+
+from .events import Batch
+
+VHOST = "dlopbox"
+INTERFACE_USER = "dlopbox-interface"
+CLIENT_USER = "dlopbox-client"
+ADMIN_USER = "dlopbox-admin"
+QUEUE_PREFIX = "dlopbox.client."
+#: The interface's own queue: every published batch, kept until it is in the MongoDB log.
+JOURNAL_QUEUE = "dlopbox.journal"
+_CLIENT_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,200}")
+QUORUM = {"x-queue-type": "quorum"}
+
+
+def queue_name(client_id: str) -> str:
+    if not _CLIENT_ID_RE.fullmatch(client_id):
+        raise ValueError(f"client id {client_id!r} must be 1-200 characters of [A-Za-z0-9_.-]")
+    return QUEUE_PREFIX + client_id
+
+
+async def declare_exchange(channel: AbstractChannel, name: str) -> AbstractExchange:
+    return await channel.declare_exchange(name, aio_pika.ExchangeType.FANOUT, durable=True)
+
+
+async def declare_bound_queue(channel: AbstractChannel, exchange: str, queue: str) -> AbstractQueue:
+    """Declare a durable quorum queue bound to the (pre-existing) exchange."""
+    q = await channel.declare_queue(queue, durable=True, arguments=QUORUM)
+    await q.bind(exchange, routing_key="")
+    return q
+
+
+def batch_message(batch: Batch) -> aio_pika.Message:
+    """One persistent message per sequenced batch; headers let consumers skip without parsing."""
+    assert batch.first_seq is not None and batch.last_seq is not None
+    return aio_pika.Message(
+        batch.to_json(),
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=batch.batch_id,
+        headers={"first_seq": batch.first_seq, "last_seq": batch.last_seq},
+    )
+
+
+def parse_message(body: bytes) -> Batch:
+    """Decode a queued batch; raises :class:`dlopbox.events.EventError` on anything malformed."""
+    return Batch.from_json(body, sequenced=True)
+
+
+def password_hash(password: str, salt: bytes | None = None) -> str:
+    """RabbitMQ's rabbit_password_hashing_sha256 format: base64(salt + sha256(salt + password))."""
+    salt = os.urandom(4) if salt is None else salt
+    return base64.b64encode(salt + hashlib.sha256(salt + password.encode()).digest()).decode()
+
+
+def definitions(passwords: Mapping[str, str], exchange: str = "dlopbox.events") -> dict[str, Any]:
+    """The broker's whole configuration: vhost, exchange, three users, least-privilege permissions.
+
+    ``passwords`` maps each of ADMIN_USER, INTERFACE_USER and CLIENT_USER to its password.
+    Clients may declare, bind and consume ``dlopbox.client.*`` queues, and read the exchange,
+    but have no write permission on any exchange: a compromised slave cannot publish.
+    """
+    ex = re.escape(exchange)
+    journal = re.escape(JOURNAL_QUEUE)
+    clients = re.escape(QUEUE_PREFIX) + r"[A-Za-z0-9_.-]+"
+    users = []
+    for name, tags in ((ADMIN_USER, ["administrator"]), (INTERFACE_USER, []), (CLIENT_USER, [])):
+        users.append({
+            "name": name,
+            "password_hash": password_hash(passwords[name]),
+            "hashing_algorithm": "rabbit_password_hashing_sha256",
+            "tags": tags,
+        })
+    return {
+        "users": users,
+        "vhosts": [{"name": VHOST}],
+        "permissions": [
+            {"user": ADMIN_USER, "vhost": VHOST, "configure": ".*", "write": ".*", "read": ".*"},
+            {"user": INTERFACE_USER, "vhost": VHOST,
+             "configure": f"^({ex}|{journal})$", "write": f"^({ex}|{journal})$", "read": f"^({ex}|{journal})$"},
+            {"user": CLIENT_USER, "vhost": VHOST,
+             "configure": f"^{clients}$", "write": f"^{clients}$", "read": f"^({ex}|{clients})$"},
+        ],
+        "exchanges": [{"name": exchange, "vhost": VHOST, "type": "fanout", "durable": True,
+                       "auto_delete": False, "internal": False, "arguments": {}}],
+        "queues": [{"name": JOURNAL_QUEUE, "vhost": VHOST, "durable": True, "auto_delete": False,
+                    "arguments": QUORUM}],
+        "bindings": [{"source": exchange, "vhost": VHOST, "destination": JOURNAL_QUEUE,
+                      "destination_type": "queue", "routing_key": "", "arguments": {}}],
+    }
+
+
+def definitions_from_env(environ: Mapping[str, str], exchange: str = "dlopbox.events") -> str:
+    """Definitions JSON from RABBITMQ_ADMIN_PASSWORD, RABBITMQ_INTERFACE_PASSWORD, RABBITMQ_CLIENT_PASSWORD."""
+    names = {ADMIN_USER: "RABBITMQ_ADMIN_PASSWORD", INTERFACE_USER: "RABBITMQ_INTERFACE_PASSWORD", CLIENT_USER: "RABBITMQ_CLIENT_PASSWORD"}
+    missing = [env for env in names.values() if not environ.get(env)]
+    if missing:
+        from .settings import SettingsError
+
+        raise SettingsError(f"{', '.join(missing)} must be set")
+    return json.dumps(definitions({user: environ[env] for user, env in names.items()}, exchange), indent=2)

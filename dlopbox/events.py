@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import math
 import re
 import time
 from collections.abc import Mapping
@@ -134,7 +135,7 @@ class Event:
                 raise EventError("digest", f"must be 64 lowercase hex characters ({DIGEST_ALGORITHM})")
         if self.seq is not None:
             _check_int("seq", self.seq, minimum=1)
-        if isinstance(self.ts, bool) or not isinstance(self.ts, (int, float)) or self.ts < 0:
+        if isinstance(self.ts, bool) or not isinstance(self.ts, (int, float)) or not 0 <= self.ts < math.inf:
             raise EventError("ts", "must be a non-negative number (unix seconds)")
 
     def with_seq(self, seq: int) -> Event:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+from urllib.parse import quote
 
 MAX_COMPONENT_BYTES = 255
 MAX_PATH_BYTES = 4096
@@ -110,3 +111,12 @@ def resolve(root: str | os.PathLike[str], path: str, *, parents_must_exist: bool
 
 def to_display(root: Path, absolute: Path) -> str:
     return os.path.relpath(absolute, root)
+
+
+def url_path(path: str) -> str:
+    """The percent-encoded URL path of a checked relative path (every byte but ``/`` and unreserved).
+
+    Pass the result to yarl with ``encoded=True``: re-quoting would turn ``%3F`` back into
+    ``?`` and nginx would see a query string instead of a file name.
+    """
+    return quote(check_relpath(path), safe="/")

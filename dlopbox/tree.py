@@ -1,0 +1,213 @@
+"""The state of a tree as a map of path -> Entry: scanned from disk, changed by events, compared.
+
+The watcher keeps one (what the slaves have been told), the client builds one from its
+disk and from the manifest, and both reconcile with :func:`diff`, which turns any tree
+into any other with the fewest plain events.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import hashlib
+import os
+import re
+import stat
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from .events import Entry, Event, Op
+from .paths import UnsafePathError, check_relpath, is_reserved
+
+HASH_CHUNK = 1024 * 1024
+
+
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file, streamed in 1 MiB reads (blocking: call it from a thread)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+class Ignore:
+    """Glob patterns matched against each name (not the whole path), plus dlopbox's own names."""
+
+    def __init__(self, patterns: Iterable[str] = ()) -> None:
+        self.patterns = tuple(patterns)
+        joined = "|".join(fnmatch.translate(p) for p in self.patterns)
+        self._regex = re.compile(joined) if joined else None
+
+    def __call__(self, name: str) -> bool:
+        return is_reserved(name) or (self._regex is not None and self._regex.match(name) is not None)
+
+    def path(self, path: str) -> bool:
+        """True when any component of a relative path is ignored."""
+        return any(self(part) for part in path.split("/"))
+
+
+def entry_from_stat(path: str, st: os.stat_result, digest: str | None = None, seq: int | None = None) -> Entry:
+    if stat.S_ISDIR(st.st_mode):
+        # Directory mtimes change with every entry inside; only their mode is mirrored.
+        return Entry(path, is_dir=True, mode=stat.S_IMODE(st.st_mode), seq=seq)
+    return Entry(path, is_dir=False, size=st.st_size, mtime_ns=st.st_mtime_ns, mode=stat.S_IMODE(st.st_mode),
+                 digest=digest, seq=seq)
+
+
+class Tree:
+    """Entries by relative path; every parent of an entry is itself an entry."""
+
+    def __init__(self, entries: Iterable[Entry] = ()) -> None:
+        self.entries: dict[str, Entry] = {e.path: e for e in entries}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __contains__(self, path: str) -> bool:
+        return path in self.entries
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Tree) and self.entries == other.entries
+
+    def get(self, path: str) -> Entry | None:
+        return self.entries.get(path)
+
+    def below(self, directory: str) -> Iterator[str]:
+        """Every path strictly below ``directory`` (a scan; trees here are at most ~10^5)."""
+        prefix = directory + "/"
+        return (p for p in list(self.entries) if p.startswith(prefix))
+
+    def apply(self, event: Event) -> None:
+        """Change the tree as the master did; idempotent, and tolerant of missing entries."""
+        path = event.path
+        match event.op:
+            case Op.WRITE:
+                self.entries[path] = Entry(path, False, event.size, event.mtime_ns, event.mode, event.digest, event.seq)
+            case Op.MKDIR:
+                self.entries[path] = Entry(path, True, mode=event.mode, seq=event.seq)
+            case Op.ATTRIB:
+                old = self.entries.get(path)
+                if old is not None:
+                    mtime = None if old.is_dir else event.mtime_ns
+                    self.entries[path] = dataclasses.replace(old, mode=event.mode, mtime_ns=mtime, seq=event.seq)
+            case Op.DELETE:
+                self.entries.pop(path, None)
+            case Op.RMDIR:
+                self.entries.pop(path, None)
+                for p in self.below(path):
+                    del self.entries[p]
+            case Op.MOVE:
+                assert event.dest is not None
+                self._move(path, event.dest, event.seq)
+
+    def _move(self, src: str, dest: str, seq: int | None) -> None:
+        old = self.entries.get(dest)
+        if old is not None and old.is_dir:
+            for p in self.below(dest):
+                del self.entries[p]
+        moving = [src, *self.below(src)] if src in self.entries else []
+        for p in moving:
+            entry = self.entries.pop(p)
+            new = dest + p[len(src):]
+            self.entries[new] = dataclasses.replace(entry, path=new, seq=seq if seq is not None else entry.seq)
+
+    def sorted_entries(self) -> list[Entry]:
+        """Parents before children."""
+        return [self.entries[p] for p in sorted(self.entries, key=lambda p: p.split("/"))]
+
+
+def scan(root: str | os.PathLike[str], ignore: Ignore | None = None, previous: Tree | None = None,
+         hash_files: bool = True) -> Tree:
+    """Walk ``root`` without following links and return its tree (blocking: run in a thread).
+
+    Symlinks, sockets, FIFOs and devices are skipped, never followed. A file whose size and
+    mtime match ``previous`` keeps its known digest instead of being hashed again.
+    """
+    ignore = ignore or Ignore()
+    root_path = Path(root)
+    tree = Tree()
+    stack = [""]
+    while stack:
+        rel_dir = stack.pop()
+        try:
+            it = os.scandir(root_path / rel_dir if rel_dir else root_path)
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            continue
+        with it:
+            for item in it:
+                if ignore(item.name):
+                    continue
+                rel = f"{rel_dir}/{item.name}" if rel_dir else item.name
+                try:
+                    check_relpath(rel)
+                    st = item.stat(follow_symlinks=False)
+                except (UnsafePathError, FileNotFoundError):
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    tree.entries[rel] = entry_from_stat(rel, st)
+                    stack.append(rel)
+                elif stat.S_ISREG(st.st_mode):
+                    digest = None
+                    known = previous.get(rel) if previous is not None else None
+                    if known is not None and not known.is_dir and known.size == st.st_size and known.mtime_ns == st.st_mtime_ns:
+                        digest = known.digest
+                    if digest is None and hash_files:
+                        try:
+                            digest = file_digest(item.path)
+                        except (FileNotFoundError, PermissionError, OSError):
+                            continue
+                    tree.entries[rel] = entry_from_stat(rel, st, digest)
+    return tree
+
+
+def diff(old: Tree, new: Tree) -> list[Event]:
+    """The events that turn ``old`` into ``new``, in an order safe to apply one by one.
+
+    Removals come first (one rmdir for the top of each removed subtree), then creations and
+    changes with every parent before its children. A path that changed type is removed and
+    created again. Digests decide content changes; when either side lacks a digest, size
+    and mtime do.
+    """
+    events: list[Event] = []
+    removed_dirs: set[str] = set()
+    for path in sorted(old.entries, key=lambda p: p.split("/")):
+        before = old.entries[path]
+        after = new.entries.get(path)
+        if after is not None and after.is_dir == before.is_dir:
+            continue
+        if any(ancestor in removed_dirs for ancestor in _ancestors(path)):
+            continue
+        if before.is_dir:
+            removed_dirs.add(path)
+            events.append(Event(Op.RMDIR, path, is_dir=True))
+        else:
+            events.append(Event(Op.DELETE, path))
+    for after in new.sorted_entries():
+        before = old.entries.get(after.path)
+        if before is not None and before.is_dir != after.is_dir:
+            before = None
+        if after.is_dir:
+            if before is None:
+                events.append(Event(Op.MKDIR, after.path, is_dir=True, mode=after.mode))
+            elif before.mode != after.mode:
+                events.append(Event(Op.ATTRIB, after.path, is_dir=True, mode=after.mode, mtime_ns=0))
+            continue
+        if before is None or _content_differs(before, after):
+            events.append(Event(Op.WRITE, after.path, size=after.size, mtime_ns=after.mtime_ns, mode=after.mode,
+                                digest=after.digest))
+        elif before.mode != after.mode or before.mtime_ns != after.mtime_ns:
+            events.append(Event(Op.ATTRIB, after.path, mode=after.mode, mtime_ns=after.mtime_ns))
+    return events
+
+
+def _ancestors(path: str) -> Iterator[str]:
+    while "/" in path:
+        path = path.rpartition("/")[0]
+        yield path
+
+
+def _content_differs(a: Entry, b: Entry) -> bool:
+    if a.size != b.size:
+        return True
+    if a.digest is not None and b.digest is not None:
+        return a.digest != b.digest
+    return a.mtime_ns != b.mtime_ns

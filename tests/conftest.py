@@ -1,0 +1,98 @@
+"""Session fixtures: real RabbitMQ, SecantusDB and nginx, started once, cleaned per test."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aio_pika
+import pytest
+from pymongo import AsyncMongoClient
+
+from dlopbox import broker
+from tests.services import NginxServer, RabbitNode, SecantusNode
+
+
+@pytest.fixture(scope="session")
+def rabbit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitNode]:
+    node = RabbitNode(tmp_path_factory.mktemp("rabbitmq"))
+    node.start()
+    yield node
+    node.stop()
+
+
+@pytest.fixture(scope="session")
+def mongo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecantusNode]:
+    node = SecantusNode(tmp_path_factory.mktemp("secantus"))
+    node.start()
+    yield node
+    node.stop()
+
+
+@pytest.fixture(scope="session")
+def nginx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NginxServer]:
+    base = tmp_path_factory.mktemp("nginx")
+    server = NginxServer(base / "conf", base / "shared")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def unique(request: pytest.FixtureRequest) -> str:
+    """A short name unique to this test, usable as a DB name, queue suffix or client id."""
+    stem = re.sub(r"[^A-Za-z0-9]+", "_", request.node.name)[:40].strip("_")
+    return f"{stem}_{secrets.token_hex(3)}"
+
+
+@pytest.fixture
+async def mongo_db(mongo: SecantusNode, unique: str) -> AsyncIterator[str]:
+    """A fresh database name for this test; dropped afterwards."""
+    yield unique
+    if mongo.running:
+        client: AsyncMongoClient = AsyncMongoClient(mongo.url, serverSelectionTimeoutMS=5000)
+        try:
+            await client.drop_database(unique)
+        finally:
+            await client.close()
+
+
+@pytest.fixture
+async def amqp_admin(rabbit: RabbitNode) -> AsyncIterator[aio_pika.abc.AbstractRobustConnection]:
+    conn = await aio_pika.connect_robust(rabbit.admin_url)
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
+async def client_queues(rabbit: RabbitNode, unique: str) -> AsyncIterator[list[str]]:
+    """Client ids for this test; their queues are deleted afterwards so tests stay independent."""
+    ids: list[str] = [f"{unique}-{i}" for i in range(3)]
+    yield ids
+    if rabbit.running:
+        conn = await aio_pika.connect(rabbit.admin_url)
+        async with conn:
+            for client_id in ids:
+                channel = await conn.channel()
+                await channel.queue_delete(broker.queue_name(client_id))
+
+
+@pytest.fixture
+async def clean_journal(rabbit: RabbitNode) -> AsyncIterator[None]:
+    """The interface's journal queue, emptied before a test that reads it."""
+    conn = await aio_pika.connect(rabbit.admin_url)
+    async with conn:
+        channel = await conn.channel()
+        queue = await channel.declare_queue(broker.JOURNAL_QUEUE, durable=True, arguments=broker.QUORUM)
+        await queue.purge()
+    yield
+
+
+@pytest.fixture
+def shared_dir(nginx: NginxServer, unique: str) -> Path:
+    """A fresh directory below nginx's root: files put here are served at nginx.url + unique + '/'."""
+    path = nginx.root / unique
+    path.mkdir()
+    return path

@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     loadtest.add_argument("--rate", type=float, default=0.0, help="Files per second; 0 means as fast as possible.")
     loadtest.add_argument("--json", type=Path, help="Write the full result as JSON here.")
     loadtest.add_argument("--plot", type=Path, help="Write a PNG with the latency CDF and a timeline here.")
+    loadtest.add_argument("--pid", action="append", metavar="NAME=PID",
+                          help="Report peak RSS and CPU of this process (PID, or container:NAME); repeatable.")
+    loadtest.add_argument("--timeout", type=float, default=300.0, help="Give up waiting for arrivals after this many seconds.")
 
     defs = command("broker-definitions")
     defs.add_argument("--exchange", default=os.environ.get("DLOPBOX_EXCHANGE", "dlopbox.events"))

@@ -111,7 +111,7 @@ class InterfaceSettings(_FromEnv):
     amqp_url: str = setting("amqp://dlopbox-interface@rabbit:5672/dlopbox", "DLOPBOX_AMQP_URL", "RabbitMQ URL of the interface's (publishing) user.", secret=True)
     exchange: str = setting("dlopbox.events", "DLOPBOX_EXCHANGE", "Durable fanout exchange every client queue is bound to.")
     max_body: int = setting(16 * 1024 * 1024, "DLOPBOX_MAX_BODY", "Largest accepted POST body in bytes (413 above).")
-    message_events: int = setting(500, "DLOPBOX_MESSAGE_EVENTS", "Most events carried by one AMQP message.")
+    backend_timeout: float = setting(5.0, "DLOPBOX_BACKEND_TIMEOUT", "Seconds to wait for a MongoDB write or a RabbitMQ confirm before treating that backend as down.")
 
 
 @dataclass(frozen=True, repr=False)

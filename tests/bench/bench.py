@@ -1,0 +1,302 @@
+"""dlopbox vs lsyncd, side by side on the same machine and workloads (run by tests/bench/run).
+
+W1 latency of one 4 KiB file (20 trials); W2 a burst of 1,000 4 KiB files in 10 dirs;
+W3 one 256 MiB file (with the curl floor from the same nginx and each client's peak RSS);
+W4 50 rapid appends to one file; W5 a directory of 100 files renamed plus 100 files deleted;
+W1 and W2 again with 1, 4 and 16 slaves. During every workload a sampler reads the slaves
+and counts files seen under their final name with content the master never had complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from dlopbox.loadtest import ProcessProbe, loadtest  # noqa: E402
+from tests.bench.mirrors import DlopboxMirror, LsyncdMirror, Mirror  # noqa: E402
+
+CHUNK = 4096
+
+
+@dataclass
+class Measure:
+    workload: str
+    metric: str
+    unit: str
+    values: dict[str, float] = field(default_factory=dict)
+    target: str = ""
+    note: str = ""
+
+
+class PartialSampler:
+    """Reads the slaves in a loop; counts final-name files whose content is no complete version."""
+
+    def __init__(self, targets: list[Path], scope: str, valid: Callable[[str, Path], bool]) -> None:
+        self.targets, self.scope, self.valid = targets, scope, valid
+        self.bad: set[tuple[str, str, int]] = set()
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> PartialSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for target in self.targets:
+                for dirpath, _, files in os.walk(target / self.scope):
+                    for name in files:
+                        if name.startswith("."):
+                            continue  # rsync's and dlopbox's temp files are hidden by design
+                        path = Path(dirpath) / name
+                        rel = str(path.relative_to(target))
+                        try:
+                            size = path.stat().st_size
+                            ok = self.valid(rel, path)
+                        except FileNotFoundError:
+                            continue
+                        self.samples += 1
+                        if not ok:
+                            self.bad.add((str(target), rel, size))
+            self._stop.wait(0.001)
+
+
+def digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+async def wait_identical(targets: list[Path], expected: dict[str, str | None], timeout: float = 600) -> float:
+    """Poll until every target has exactly these files (digest) and no others in their dirs; return the time."""
+    deadline = time.monotonic() + timeout
+    pending = {(t, rel) for t in targets for rel in expected}
+    sizes = {}
+    while pending:
+        for target, rel in list(pending):
+            path = target / rel
+            want = expected[rel]
+            if want is None:  # must be gone
+                if not path.exists():
+                    pending.discard((target, rel))
+                continue
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            if (st.st_size, st.st_mtime_ns) == sizes.get((target, rel)):
+                continue
+            sizes[(target, rel)] = (st.st_size, st.st_mtime_ns)
+            if await asyncio.to_thread(digest, path) == want:
+                pending.discard((target, rel))
+        if not pending:
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(pending)} files never converged, e.g. {sorted(pending)[:3]}")
+        await asyncio.sleep(0.002)
+    return time.time()
+
+
+async def w1(mirror: Mirror, trials: int = 20) -> list[float]:
+    latencies = []
+    for _ in range(trials):
+        result = await loadtest(mirror.master, mirror.targets, files=1, size=CHUNK, timeout=60)
+        assert not any(result.missing.values()), result.missing
+        latencies.append(max(result.latency_ms[str(t)]["max"] for t in mirror.targets))
+    return latencies
+
+
+async def w2(mirror: Mirror) -> tuple[float, int]:
+    result = await loadtest(mirror.master, mirror.targets, files=1000, size=CHUNK, timeout=300)
+    assert not any(result.missing.values()) and not any(result.corrupt.values()), (result.missing, result.corrupt)
+    return result.converged_s or float("nan"), sum(result.corrupt.values())
+
+
+async def w3(mirror: Mirror, size: int = 256 * 2**20) -> dict[str, float]:
+    scope = f"w3-{time.time_ns()}"
+    (mirror.master / scope).mkdir()
+    await wait_identical(mirror.targets, {}, 60)
+    block = os.urandom(2**20)
+    h = hashlib.sha256()
+    tmp_master = mirror.master / scope / "big.bin"
+    valid = lambda rel, path: path.stat().st_size == size  # noqa: E731  (digest checked at convergence)
+    with PartialSampler(mirror.targets, scope, valid) as sampler:
+        with open(tmp_master, "wb") as f:
+            for i in range(size // len(block)):
+                chunk = i.to_bytes(8, "big") + block[8:]
+                h.update(chunk)
+                f.write(chunk)
+        closed = time.time()
+        done = await wait_identical(mirror.targets, {f"{scope}/big.bin": h.hexdigest()})
+    out = {"seconds": done - closed, "partial": len(sampler.bad), "samples": sampler.samples}
+    if isinstance(mirror, DlopboxMirror):
+        dest = mirror.workdir / "curl-floor.bin"
+        start = time.monotonic()
+        subprocess.run(["curl", "-sf", "-o", str(dest), mirror.nginx.url + f"{scope}/big.bin"], check=True)
+        out["curl_floor"] = time.monotonic() - start
+        dest.unlink()
+    probe = ProcessProbe({n: p for n, p in mirror.pids().items() if n.startswith("client")})
+    rss = [s.peak_rss_kib / 1024 for s in probe.samples()]
+    out["client_rss_mib"] = max(rss) if rss else float("nan")
+    return out
+
+
+async def w4(mirror: Mirror) -> tuple[float, int]:
+    scope = f"w4-{time.time_ns()}"
+    (mirror.master / scope).mkdir()
+    await asyncio.sleep(0.2)
+    chunks = [os.urandom(CHUNK) for _ in range(50)]
+    prefixes = set()
+    h = hashlib.sha256()
+    for c in chunks:
+        h.update(c)
+        prefixes.add(h.copy().hexdigest())
+    valid = lambda rel, path: path.stat().st_size % CHUNK == 0 and digest(path) in prefixes  # noqa: E731
+    with PartialSampler(mirror.targets, scope, valid) as sampler:
+        for c in chunks:
+            with open(mirror.master / scope / "log.txt", "ab") as f:
+                f.write(c)
+        closed = time.time()
+        done = await wait_identical(mirror.targets, {f"{scope}/log.txt": h.hexdigest()})
+    return done - closed, len(sampler.bad)
+
+
+async def w5(mirror: Mirror) -> tuple[float, int]:
+    scope = f"w5-{time.time_ns()}"
+    expected: dict[str, str | None] = {}
+    for sub in ("moveme", "deleteme"):
+        (mirror.master / scope / sub).mkdir(parents=True)
+        for i in range(100):
+            data = os.urandom(CHUNK)
+            (mirror.master / scope / sub / f"f{i:03d}").write_bytes(data)
+            expected[f"{scope}/{sub}/f{i:03d}"] = hashlib.sha256(data).hexdigest()
+    await wait_identical(mirror.targets, expected)
+    final: dict[str, str | None] = {}
+    for rel, d in expected.items():
+        if "/moveme/" in rel:
+            final[rel] = None
+            final[rel.replace("/moveme/", "/moved/")] = d
+        else:
+            final[rel] = None
+    good = {d for d in expected.values()}
+    valid = lambda rel, path: digest(path) in good  # noqa: E731
+    with PartialSampler(mirror.targets, scope, valid) as sampler:
+        os.rename(mirror.master / scope / "moveme", mirror.master / scope / "moved")
+        for i in range(100):
+            (mirror.master / scope / "deleteme" / f"f{i:03d}").unlink()
+        closed = time.time()
+        done = await wait_identical(mirror.targets, final)
+    return done - closed, len(sampler.bad)
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
+
+
+async def bench(kinds: list[str], scaling: list[int], main_clients: int, workdir: Path) -> list[Measure]:
+    measures: dict[tuple[str, str], Measure] = {}
+
+    def put(workload: str, metric: str, unit: str, kind: str, value: float, target: str = "") -> None:
+        m = measures.setdefault((workload, metric), Measure(workload, metric, unit, target=target))
+        m.values[kind] = round(value, 4)
+
+    for clients in sorted(set(scaling) | {main_clients}):
+        for kind in kinds:
+            cls = DlopboxMirror if kind == "dlopbox" else LsyncdMirror
+            mirror = cls(workdir / f"{kind}-{clients}", clients)
+            print(f"== {kind} with {clients} slave(s)", flush=True)
+            mirror.start()
+            try:
+                lat = await w1(mirror)
+                put(f"W1 latency, {clients} slave(s)", "p50", "ms", kind, statistics.median(lat),
+                    "≤ 10 ms" if clients == 1 else "")
+                put(f"W1 latency, {clients} slave(s)", "p99", "ms", kind, pct(lat, 0.99), "≤ 50 ms" if clients == 1 else "")
+                seconds, corrupt = await w2(mirror)
+                put(f"W2 burst 1,000 x 4 KiB, {clients} slave(s)", "time", "s", kind, seconds, "≤ 0.5 × lsyncd")
+                if clients == main_clients:
+                    r3 = await w3(mirror)
+                    put("W3 256 MiB file", "time", "s", kind, r3["seconds"], "≤ 1.2 × curl floor")
+                    put("W3 256 MiB file", "partial files seen", "files", kind, r3["partial"], "0")
+                    put("W3 256 MiB file", "client peak RSS", "MiB", kind, r3["client_rss_mib"], "≤ 64 MiB")
+                    if "curl_floor" in r3:
+                        put("W3 256 MiB file", "curl floor", "s", kind, r3["curl_floor"])
+                    seconds, bad = await w4(mirror)
+                    put("W4 50 appends", "time to converge", "s", kind, seconds, "≤ lsyncd")
+                    put("W4 50 appends", "partial files seen", "files", kind, bad, "0")
+                    seconds, bad = await w5(mirror)
+                    put("W5 rename dir of 100 + delete 100", "time to converge", "s", kind, seconds, "≤ lsyncd")
+                    put("W5 rename dir of 100 + delete 100", "partial files seen", "files", kind, bad, "0")
+            finally:
+                mirror.stop()
+    return list(measures.values())
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
+                   if line.startswith("MemTotal"))) // 1024 // 1024
+    lsyncd = subprocess.run(["lsyncd", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    rsync = subprocess.run(["rsync", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    return (f"{os.cpu_count()} cores ({cpu}), {mem} GiB RAM, Linux {platform.release()}, "
+            f"Python {platform.python_version()}, lsyncd {lsyncd.split()[-1]}, {rsync.split('  ')[0]}")
+
+
+def table(measures: list[Measure]) -> str:
+    rows = ["| workload | metric | dlopbox | lsyncd | dlopbox / lsyncd | target |", "| --- | --- | ---: | ---: | ---: | --- |"]
+    for m in measures:
+        d, lsy = m.values.get("dlopbox"), m.values.get("lsyncd")
+        ratio = f"{d / lsy:.2f}" if d is not None and lsy else "—"
+        fmt = lambda v: "—" if v is None else f"{v:.1f} {m.unit}" if m.unit == "ms" else f"{v:.3f} {m.unit}" if m.unit == "s" else f"{v:g} {m.unit}"  # noqa: E731
+        rows.append(f"| {m.workload} | {m.metric} | {fmt(d)} | {fmt(lsy)} | {ratio} | {m.target} |")
+    return "\n".join(rows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=["dlopbox", "lsyncd"], help="Run one system only.")
+    parser.add_argument("--scaling", type=int, nargs="+", default=[1, 4, 16], help="Slave counts for W1/W2.")
+    parser.add_argument("--clients", type=int, default=4, help="Slaves for W3-W5 (default 4).")
+    parser.add_argument("--report", type=Path, help="Write the Markdown report here.")
+    parser.add_argument("--json", type=Path, help="Write raw measures as JSON here.")
+    args = parser.parse_args()
+    kinds = [args.only] if args.only else ["dlopbox", "lsyncd"]
+    with tempfile.TemporaryDirectory(prefix="dlopbox-bench-") as tmp:
+        measures = asyncio.run(bench(kinds, args.scaling, args.clients, Path(tmp)))
+    text = table(measures)
+    print(text)
+    if args.json:
+        args.json.write_text(json.dumps([m.__dict__ for m in measures], indent=2))
+    if args.report:
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        args.report.write_text(f"# dlopbox vs lsyncd, {time.strftime('%Y-%m-%d')}\n\nMachine: {machine()}\n\n"
+                               f"Command: `tests/bench/run`\n\n{text}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    if shutil.which("lsyncd") is None:
+        sys.exit("lsyncd is not installed: run tests/bench/run, which installs it")
+    sys.exit(main())

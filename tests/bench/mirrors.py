@@ -1,0 +1,132 @@
+"""The two systems under benchmark, behind one small interface: a master dir, N target dirs.
+
+`DlopboxMirror` runs the real pipeline as separate processes (watcher, interface, one client
+per target) on real RabbitMQ, SecantusDB and nginx; `LsyncdMirror` runs Debian's lsyncd with
+rsync at delay 0, one sync per target. Both are started fresh for each configuration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from dlopbox import broker
+from tests.services import NginxServer, RabbitNode, SecantusNode, free_port, wait_until
+
+
+class Mirror:
+    name = "mirror"
+
+    def __init__(self, workdir: Path, clients: int) -> None:
+        self.workdir = workdir
+        self.master = workdir / "master"
+        self.targets = [workdir / f"slave{i}" for i in range(clients)]
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        for d in (self.master, *self.targets):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def pids(self) -> dict[str, int]:
+        return {name: p.pid for name, p in self.procs.items() if p.poll() is None}
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+        log = open(self.workdir / f"{name}.log", "ab")
+        self.procs[name] = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    def check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                tail = (self.workdir / f"{name}.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"{self.name}: {name} exited with {proc.returncode}:\n{tail}")
+
+
+class LsyncdMirror(Mirror):
+    name = "lsyncd"
+
+    def start(self) -> None:
+        syncs = "\n".join(
+            f'sync {{ default.rsync, source = "{self.master}/", target = "{t}/", delay = 0, '
+            f'rsync = {{ archive = true, whole_file = true }} }}'
+            for t in self.targets)
+        config = self.workdir / "lsyncd.conf.lua"
+        config.write_text(f'settings {{ nodaemon = true, logfile = "{self.workdir}/lsyncd-internal.log", '
+                          f'statusFile = "{self.workdir}/lsyncd.status", statusInterval = 1, maxProcesses = 16 }}\n'
+                          f"{syncs}\n")
+        self._spawn("lsyncd", [shutil.which("lsyncd") or "/usr/bin/lsyncd", str(config)])
+        # lsyncd starts with a full rsync of each target; wait for a probe file to arrive everywhere.
+        probe = self.master / f"probe-{secrets.token_hex(3)}"
+        probe.write_text("ready")
+        wait_until(lambda: self.check_alive() or all((t / probe.name).exists() for t in self.targets), 60, "lsyncd")
+        probe.unlink()
+
+
+class DlopboxMirror(Mirror):
+    name = "dlopbox"
+
+    def start(self) -> None:
+        self.rabbit = RabbitNode(self.workdir / "rabbitmq")
+        self.mongo = SecantusNode(self.workdir / "secantus")
+        self.nginx = NginxServer(self.workdir / "nginx", self.master)
+        for service in (self.rabbit, self.mongo, self.nginx):
+            service.start()
+        token, read_token = secrets.token_hex(16), secrets.token_hex(16)
+        port = free_port()
+        interface_url = f"http://127.0.0.1:{port}"
+        base = {**os.environ, "DLOPBOX_LOG_LEVEL": "WARNING", "DLOPBOX_INTERFACE_URL": interface_url,
+                "DLOPBOX_TOKEN": token, "DLOPBOX_READ_TOKEN": read_token}
+        dlopbox = [sys.executable, "-m", "dlopbox"]
+        self._spawn("interface", [*dlopbox, "interface"], {
+            **base, "DLOPBOX_HOST": "127.0.0.1", "DLOPBOX_PORT": str(port),
+            "DLOPBOX_MONGO_URL": self.mongo.url, "DLOPBOX_AMQP_URL": self.rabbit.interface_url})
+        wait_until(lambda: self.check_alive() or _http_ok(interface_url + "/healthz"), 60, "interface")
+        self._spawn("watcher", [*dlopbox, "watch"], {**base, "DLOPBOX_ROOT": str(self.master)})
+        for i, target in enumerate(self.targets):
+            self._spawn(f"client{i}", [*dlopbox, "client"], {
+                **base, "DLOPBOX_CLIENT_ID": f"bench-{i}-{secrets.token_hex(2)}", "DLOPBOX_TARGET": str(target),
+                "DLOPBOX_AMQP_URL": self.rabbit.client_url, "DLOPBOX_FILES_URL": self.nginx.url})
+        probe = self.master / f"probe-{secrets.token_hex(3)}"
+        probe.write_text("ready")
+        wait_until(lambda: self.check_alive() or all((t / probe.name).exists() for t in self.targets), 120, "dlopbox")
+        probe.unlink()
+
+    def stop(self) -> None:
+        super().stop()
+        for service in (self.nginx, self.mongo, self.rabbit):
+            service.stop()
+
+
+def _http_ok(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=1) as r:
+        return r.status == 200
+
+
+async def settle(seconds: float = 0.3) -> None:
+    """Let the previous workload's tail drain before timing the next."""
+    await asyncio.sleep(seconds)
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,211 @@
+"""Applying one event to the slave's directory, atomically and without ever leaving it.
+
+Every path goes through :func:`dlopbox.paths.resolve`, which refuses a symlinked parent;
+a symlink standing at the final name is replaced or removed, never followed. Writes are
+downloaded into a temp file and renamed over the final name (see :mod:`dlopbox.download`);
+moves are local renames, so a renamed 1 GiB file is not transferred again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+import shutil
+import stat
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .download import Downloader, FileVersion, StaleContent, TransferError
+from .events import Event, Op
+from .paths import resolve
+
+log = logging.getLogger("dlopbox.client")
+
+#: Times a write whose bytes do not match is retried before the client resyncs.
+STALE_RETRIES = 6
+MAX_BACKOFF = 5.0
+
+
+class Outcome(enum.Enum):
+    APPLIED = "applied"
+    SKIPPED = "skipped"  # superseded: a newer event brings the newer state
+    RESYNC = "resync"  # the local tree cannot follow this event: make it equal to the manifest
+
+
+@dataclass(frozen=True, slots=True)
+class Fate:
+    """Where the content of a write went after its seq: gone (superseded) or now at ``path``."""
+
+    superseded: bool
+    path: str
+
+
+#: Given a write event, says what became of its content on the master since (see client.py).
+FateFinder = Callable[[Event], Awaitable[Fate]]
+
+
+class Applier:
+    def __init__(self, target: Path, downloader: Downloader, fate: FateFinder | None = None) -> None:
+        self.target = target
+        self.downloader = downloader
+        self.fate = fate
+
+    async def apply(self, event: Event, *, resync: bool = False) -> Outcome:
+        """Apply one event; raises UnsafePathError for a path that would leave the target."""
+        match event.op:
+            case Op.WRITE:
+                return await self.write(event, resync=resync)
+            case Op.MOVE:
+                return await self.move(event, resync=resync)
+            case Op.DELETE | Op.RMDIR:
+                return await self.remove(event)
+            case Op.MKDIR:
+                return self.mkdir(event)
+            case Op.ATTRIB:
+                return self.attrib(event)
+        raise AssertionError(event.op)
+
+    async def write(self, event: Event, *, resync: bool = False) -> Outcome:
+        assert event.size is not None and event.digest is not None and event.mode is not None
+        assert event.mtime_ns is not None
+        final = resolve(self.target, event.path)
+        version = FileVersion(event.size, event.digest, event.mode, event.mtime_ns)
+        source = event.path
+        stale = 0
+        delay = 0.2
+        while True:
+            try:
+                await self.downloader.install(source, final, version)
+                return Outcome.APPLIED
+            except StaleContent as exc:
+                if resync or self.fate is None:
+                    # A manifest's file changed since: the queue holds the event that changed it.
+                    log.info("skipped %s: %s (newer events follow)", event.path, exc)
+                    return Outcome.SKIPPED
+                fate = await self.fate(event)
+                if fate.superseded:
+                    log.debug("skipped seq %s %s: %s; a newer event replaces it", event.seq, event.path, exc)
+                    return Outcome.SKIPPED
+                if fate.path != source:
+                    log.debug("seq %s %s: the master moved it to %s since; fetching it there",
+                              event.seq, event.path, fate.path)
+                    source = fate.path
+                    continue
+                stale += 1
+                if stale > STALE_RETRIES:
+                    log.error("seq %s write %s: %s, and no newer event explains it after %d tries; "
+                              "will resync from the manifest", event.seq, event.path, exc, stale)
+                    return Outcome.RESYNC
+                log.info("seq %s %s: %s; retrying in %.1fs", event.seq, event.path, exc, delay)
+            except TransferError as exc:
+                log.warning("seq %s %s: %s; retrying in %.1fs", event.seq, event.path, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MAX_BACKOFF)
+
+    async def move(self, event: Event, *, resync: bool = False) -> Outcome:
+        assert event.dest is not None
+        src = resolve(self.target, event.path)
+        dst = resolve(self.target, event.dest)
+        st = _lstat(src)
+        if event.is_dir:
+            if st is None or not stat.S_ISDIR(st.st_mode):
+                log.warning("seq %s: cannot move directory %s: it is missing here; will resync", event.seq, event.path)
+                return Outcome.RESYNC
+            await asyncio.to_thread(_rename_over, src, dst, True)
+            return Outcome.APPLIED
+        have_it = st is not None and stat.S_ISREG(st.st_mode) and (
+            event.size is None or (st.st_size == event.size and st.st_mtime_ns == event.mtime_ns))
+        if have_it:
+            await asyncio.to_thread(_rename_over, src, dst, False)
+            if event.mode is not None and st is not None and stat.S_IMODE(st.st_mode) != event.mode:
+                os.chmod(dst, event.mode)
+            return Outcome.APPLIED
+        if st is not None and not stat.S_ISDIR(st.st_mode):
+            os.unlink(src)  # an outdated copy: the master no longer has anything at the source
+        if event.size is None or event.digest is None or event.mode is None or event.mtime_ns is None:
+            log.warning("seq %s: cannot move %s: no up-to-date copy here and no digest to fetch one; will resync",
+                        event.seq, event.path)
+            return Outcome.RESYNC
+        log.info("seq %s: %s is not here as expected; fetching %s instead", event.seq, event.path, event.dest)
+        as_write = Event(Op.WRITE, event.dest, size=event.size, mtime_ns=event.mtime_ns, mode=event.mode,
+                         digest=event.digest, seq=event.seq, ts=event.ts)
+        return await self.write(as_write, resync=resync)
+
+    async def remove(self, event: Event) -> Outcome:
+        final = resolve(self.target, event.path)
+        st = _lstat(final)
+        if st is None:
+            return Outcome.APPLIED
+        if stat.S_ISDIR(st.st_mode):
+            await asyncio.to_thread(shutil.rmtree, final)
+        else:
+            _unlink(final)
+        return Outcome.APPLIED
+
+    def mkdir(self, event: Event) -> Outcome:
+        assert event.mode is not None
+        final = resolve(self.target, event.path)
+        st = _lstat(final)
+        if st is not None and not stat.S_ISDIR(st.st_mode):
+            _unlink(final)  # a file or a foreign symlink stands where the master has a directory
+            st = None
+        if st is None:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.mkdir(final, 0o700)
+        os.chmod(final, event.mode)  # a real directory: lstat said so, or it was just made
+        return Outcome.APPLIED
+
+    def attrib(self, event: Event) -> Outcome:
+        assert event.mode is not None
+        final = resolve(self.target, event.path)
+        st = _lstat(final)
+        if st is None:
+            # The write that creates it is superseded or still to come, and carries its attributes.
+            log.debug("seq %s: attrib of %s, which is not here (yet)", event.seq, event.path)
+            return Outcome.APPLIED
+        if stat.S_ISLNK(st.st_mode):
+            log.warning("seq %s: %s is a symlink here, not what the master has; will resync", event.seq, event.path)
+            return Outcome.RESYNC
+        if stat.S_ISDIR(st.st_mode) != event.is_dir:
+            log.debug("seq %s: attrib of %s, whose type differs here; a later event fixes it", event.seq, event.path)
+            return Outcome.APPLIED
+        if stat.S_IMODE(st.st_mode) != event.mode:
+            os.chmod(final, event.mode)
+        if not event.is_dir and event.mtime_ns is not None and st.st_mtime_ns != event.mtime_ns:
+            os.utime(final, ns=(event.mtime_ns, event.mtime_ns), follow_symlinks=False)
+        return Outcome.APPLIED
+
+
+def _lstat(path: Path) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _is_empty(directory: Path) -> bool:
+    with os.scandir(directory) as entries:
+        return next(entries, None) is None
+
+
+def _rename_over(src: Path, dst: Path, is_dir: bool) -> None:
+    """rename(2) ``src`` onto ``dst`` as the master did; whatever stood at ``dst`` is replaced (blocking)."""
+    st = _lstat(dst)
+    if st is not None:
+        if stat.S_ISDIR(st.st_mode):
+            if not is_dir or not _is_empty(dst):
+                shutil.rmtree(dst)
+        elif is_dir:
+            os.unlink(dst)  # a file or symlink where the directory goes: rename(2) would refuse
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(src, dst)

@@ -1,0 +1,224 @@
+"""Streaming downloads from nginx, verified and installed atomically.
+
+A file is streamed in chunks into a hidden temp file next to its final name, hashed as it
+arrives, checked against the event's size and SHA-256, given its mode and mtime, flushed,
+and only then renamed over the final name: a slave never shows a partial or corrupt file.
+Memory stays bounded by a couple of chunks whatever the file size; writes and hashing run
+in a thread so a 1 GiB file never blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import shutil
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import yarl
+
+from .paths import url_path
+from .state import temp_name
+from .tree import file_digest
+
+log = logging.getLogger("dlopbox.client")
+
+EMPTY_DIGEST = hashlib.sha256(b"").hexdigest()
+_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60)
+
+
+class StaleContent(Exception):
+    """nginx does not serve the expected bytes (404, other size or digest): the master moved on."""
+
+
+class TransferError(Exception):
+    """The transfer itself failed (connection, 5xx, truncated body): worth retrying as is."""
+
+
+@dataclass(frozen=True, slots=True)
+class FileVersion:
+    """What a write promises: the content (size, digest) and the attributes to give it."""
+
+    size: int
+    digest: str
+    mode: int
+    mtime_ns: int
+
+
+@dataclass(slots=True)
+class Counters:
+    files: int = 0
+    bytes: int = 0
+
+
+class Downloader:
+    """Fetches file versions from the files URL, a bounded number at a time, over one session."""
+
+    def __init__(self, session: aiohttp.ClientSession, files_url: str, chunk_bytes: int, concurrency: int) -> None:
+        self.session = session
+        self.files_url = files_url if files_url.endswith("/") else files_url + "/"
+        self.chunk_bytes = max(4096, chunk_bytes)
+        self.slots = asyncio.Semaphore(max(1, concurrency))
+        self.counters = Counters()
+
+    def url(self, path: str) -> yarl.URL:
+        # Already percent-encoded: re-quoting would turn %3F back into '?' (a query string).
+        return yarl.URL(self.files_url + url_path(path), encoded=True)
+
+    async def install(self, source: str, final: Path, version: FileVersion) -> None:
+        """Download ``source`` (a relative path on the master) and install it at ``final``."""
+        if version.size == 0 and version.digest == EMPTY_DIGEST:
+            await asyncio.to_thread(_install_bytes, final, version)
+            self.counters.files += 1
+            return
+        if await asyncio.to_thread(_already_there, final, version):
+            return
+        async with self.slots:
+            await self._download(source, final, version)
+        self.counters.files += 1
+
+    async def _download(self, source: str, final: Path, version: FileVersion) -> None:
+        try:
+            async with self.session.get(self.url(source), headers={"Accept-Encoding": "identity"},
+                                        timeout=_TIMEOUT) as response:
+                if response.status in (403, 404, 410):
+                    raise StaleContent(f"{source!r}: nginx answered {response.status}")
+                if response.status != 200:
+                    raise TransferError(f"{source!r}: nginx answered {response.status}")
+                if response.content_length is not None and response.content_length != version.size:
+                    raise StaleContent(f"{source!r}: {response.content_length} bytes served, {version.size} expected")
+                await self._stream_into(response, source, final, version)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise TransferError(f"{source!r}: {type(exc).__name__}: {exc}") from exc
+
+    async def _stream_into(self, response: aiohttp.ClientResponse, source: str, final: Path,
+                           version: FileVersion) -> None:
+        await asyncio.to_thread(_prepare_parent, final)
+        sink = _TempFile(final)
+        writing: asyncio.Future[None] | None = None
+        loop = asyncio.get_running_loop()
+        try:
+            pending: list[bytes] = []
+            pending_size = received = 0
+            async for piece in response.content.iter_chunked(self.chunk_bytes):
+                pending.append(piece)
+                pending_size += len(piece)
+                received += len(piece)
+                self.counters.bytes += len(piece)
+                if received > version.size:
+                    raise StaleContent(f"{source!r}: more than the {version.size} bytes expected")
+                if pending_size >= self.chunk_bytes:
+                    # Two-stage pipeline: the thread writes chunk N while chunk N+1 is received.
+                    if writing is not None:
+                        await writing
+                    writing = loop.run_in_executor(None, sink.write, b"".join(pending))
+                    pending, pending_size = [], 0
+            if writing is not None:
+                await writing
+                writing = None
+            if pending:
+                await loop.run_in_executor(None, sink.write, b"".join(pending))
+            if sink.size != version.size:
+                raise StaleContent(f"{source!r}: {sink.size} bytes received, {version.size} expected")
+            if sink.hexdigest() != version.digest:
+                raise StaleContent(f"{source!r}: digest {sink.hexdigest()[:12]}... differs from the event's "
+                                   f"{version.digest[:12]}...")
+            await asyncio.to_thread(sink.install, version)
+        finally:
+            if writing is not None and not writing.done():
+                # The thread may still be writing to the descriptor: never close it under its feet.
+                await asyncio.wait([writing])
+            if not sink.installed:
+                await asyncio.to_thread(sink.discard)
+
+
+class _TempFile:
+    """A hidden temp file next to ``final``, hashed as written (its methods block: call them in a thread)."""
+
+    def __init__(self, final: Path) -> None:
+        self.final = final
+        self.path = final.parent / temp_name()
+        self.fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                      0o600)
+        self.hash = hashlib.sha256()
+        self.size = 0
+        self.installed = False
+
+    def write(self, data: bytes) -> None:
+        assert self.fd is not None
+        self.hash.update(data)
+        view = memoryview(data)
+        while view:
+            written = os.write(self.fd, view)
+            view = view[written:]
+        self.size += len(data)
+
+    def hexdigest(self) -> str:
+        return self.hash.hexdigest()
+
+    def install(self, version: FileVersion) -> None:
+        assert self.fd is not None
+        os.fchmod(self.fd, version.mode)
+        os.utime(self.fd, ns=(version.mtime_ns, version.mtime_ns))
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = None
+        _replace(self.path, self.final)
+        self.installed = True
+
+    def discard(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def _prepare_parent(final: Path) -> None:
+    final.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _replace(tmp: Path, final: Path) -> None:
+    """Rename over ``final``; a directory standing there (the master changed its type) goes first."""
+    try:
+        st = os.lstat(final)
+    except FileNotFoundError:
+        st = None
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def _install_bytes(final: Path, version: FileVersion) -> None:
+    """Install a version whose bytes are known (the empty file) without any transfer."""
+    _prepare_parent(final)
+    sink = _TempFile(final)
+    try:
+        sink.install(version)
+    finally:
+        if not sink.installed:
+            sink.discard()
+
+
+def _already_there(final: Path, version: FileVersion) -> bool:
+    """True when ``final`` already holds this version (a redelivered event): only the mode is fixed."""
+    try:
+        st = os.lstat(final)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(st.st_mode) or st.st_size != version.size or st.st_mtime_ns != version.mtime_ns:
+        return False
+    try:
+        if file_digest(final) != version.digest:
+            return False
+    except OSError:
+        return False
+    if stat.S_IMODE(st.st_mode) != version.mode:
+        os.chmod(final, version.mode)
+    return True

@@ -1,0 +1,134 @@
+"""Bootstrap and gap repair: make the slave's directory equal to the interface's manifest.
+
+The manifest is spooled to ``<target>/.dlopbox/`` and read back a batch at a time; each
+entry is compared with a scan of the local tree (size and mtime decide, like rsync's quick
+check: every file dlopbox installs carries the master's mtime), and the differences are
+applied through the same scheduler as live events, downloads in parallel. What the master
+no longer has is removed last. Files that changed on the master since the manifest was cut
+are skipped: their newer events are already waiting in the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import aiohttp
+
+from .api import APIError, InterfaceAPI, read_spooled_entries
+from .apply import Applier, Outcome
+from .download import Downloader
+from .events import Entry, Event, Op
+from .paths import UnsafePathError
+from .progress import Progress
+from .schedule import Job, PathScheduler
+from .state import STATE_DIR
+from .tree import Tree, diff, scan
+
+log = logging.getLogger("dlopbox.client")
+
+MAX_FETCH_BACKOFF = 30.0
+
+
+class ResyncFailed(RuntimeError):
+    """Some differences could not be applied (the reasons are logged); try again later."""
+
+
+@dataclass(slots=True)
+class _Tally:
+    changes: int = 0
+    failures: int = 0
+
+
+class Resync:
+    def __init__(self, target: Path, api: InterfaceAPI, applier: Applier, downloader: Downloader,
+                 scheduler: PathScheduler) -> None:
+        self.target = target
+        self.api = api
+        self.applier = applier
+        self.downloader = downloader
+        self.scheduler = scheduler
+
+    async def run(self, at_least: int) -> int:
+        """Make the target equal to a manifest at seq >= ``at_least``; return that seq."""
+        state_dir = self.target / STATE_DIR
+        await asyncio.to_thread(state_dir.mkdir, 0o700, False, True)
+        with tempfile.TemporaryFile(dir=state_dir, prefix=".dlopbox-tmp-manifest-") as spool:
+            seq, count = await self._fetch(spool, at_least)
+            await asyncio.to_thread(spool.seek, 0)
+            local = await asyncio.to_thread(scan, self.target, None, None, False)
+            log.info("resync: manifest at seq %d with %d entries; %d entries here", seq, count, len(local))
+            tally = _Tally()
+            progress = Progress("catching up", self.downloader.counters, 0, 0)
+            with progress:
+                batches = read_spooled_entries(spool)
+                seen = 0
+                while (batch := await asyncio.to_thread(next, batches, None)) is not None:
+                    for want in batch:
+                        seen += 1
+                        await self._converge(local, want, tally, progress)
+                # What the master no longer has goes last, each removed subtree as one rmdir.
+                for event in diff(local, Tree()):
+                    await self._submit(event, tally)
+                await self.scheduler.drain()
+            if seen != count:
+                raise APIError(f"manifest announced {count} entries but sent {seen}")
+        if tally.failures:
+            raise ResyncFailed(f"{tally.failures} of {tally.changes} changes failed")
+        log.info("resync: done, %d changes applied; now at seq %d", tally.changes, seq)
+        return seq
+
+    async def _fetch(self, spool: BinaryIO, at_least: int) -> tuple[int, int]:
+        delay = 0.5
+        while True:
+            try:
+                seq, count = await self.api.spool_manifest(spool)
+                if seq >= at_least:
+                    return seq, count
+                log.info("manifest is at seq %d, behind seq %d already applied here; asking again", seq, at_least)
+            except (aiohttp.ClientError, APIError, TimeoutError, OSError) as exc:
+                log.warning("cannot fetch the manifest: %s; retrying in %.1fs", exc, delay)
+            await asyncio.to_thread(_rewind, spool)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MAX_FETCH_BACKOFF)
+
+    async def _converge(self, local: Tree, want: Entry, tally: _Tally, progress: Progress) -> None:
+        have = local.entries.pop(want.path, None)
+        if have is not None and have.is_dir and not want.is_dir:
+            for below in list(local.below(want.path)):  # removed with it by the rmdir below
+                del local.entries[below]
+        for event in diff(Tree([have]) if have is not None else Tree(), Tree([want])):
+            if event.op is Op.WRITE:
+                progress.total_files += 1
+                progress.total_bytes += event.size or 0
+            await self._submit(event, tally)
+
+    async def _submit(self, event: Event, tally: _Tally) -> None:
+        tally.changes += 1
+
+        async def run(job: Job) -> None:
+            try:
+                outcome = await self.applier.apply(event, resync=True)
+            except UnsafePathError as exc:
+                log.error("resync: refused %s %r: %s", event.op, event.path, exc)
+                tally.failures += 1
+            except OSError as exc:
+                log.error("resync: cannot %s %r: %s", event.op, event.path, exc)
+                tally.failures += 1
+            except Exception:
+                log.exception("resync: failed to %s %r", event.op, event.path)
+                tally.failures += 1
+            else:
+                if outcome is Outcome.RESYNC:
+                    tally.failures += 1
+
+        await self.scheduler.submit(event, run)
+
+
+def _rewind(spool: BinaryIO) -> None:
+    spool.seek(0)
+    spool.truncate()

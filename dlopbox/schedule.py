@@ -1,0 +1,122 @@
+"""Ordering with parallelism: events run concurrently unless their paths are related.
+
+Two events are related when a path of one is the same as, or lies below, a path of the
+other. A job starts only after every earlier related job has finished, so events for one
+path apply in seq order, a write waits for the move or mkdir of its parent, and a
+directory's move, rmdir or chmod waits for all work below it; unrelated paths (downloads,
+mostly) overlap freely. Jobs are submitted in seq order, and at most ``max_jobs`` wait at
+once, which bounds memory however large the backlog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+
+from .events import Event
+
+
+class Job:
+    __slots__ = ("event", "order", "task")
+
+    def __init__(self, event: Event, order: int) -> None:
+        self.event = event
+        self.order = order
+        self.task: asyncio.Task[None] | None = None
+
+
+def ancestors(path: str) -> Iterator[str]:
+    while "/" in path:
+        path = path.rpartition("/")[0]
+        yield path
+
+
+class PathScheduler:
+    def __init__(self, max_jobs: int = 1024) -> None:
+        self._by_path: dict[str, dict[int, Job]] = {}
+        self._below: Counter[str] = Counter()  # pending jobs strictly below each directory
+        self._slots = asyncio.Semaphore(max_jobs)
+        self._jobs: set[Job] = set()
+        self._order = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    async def submit(self, event: Event, run: Callable[[Job], Awaitable[None]]) -> None:
+        """Start ``run(job)`` once every earlier related job is done; waits while too many are pending."""
+        await self._slots.acquire()
+        self._order += 1
+        job = Job(event, self._order)
+        deps = self._related(event.paths())
+        self._register(job)
+        job.task = asyncio.get_running_loop().create_task(self._run(job, deps, run), name=f"apply-{event.seq}")
+
+    async def _run(self, job: Job, deps: set[Job], run: Callable[[Job], Awaitable[None]]) -> None:
+        try:
+            waits = [d.task for d in deps if d.task is not None and not d.task.done()]
+            if waits:
+                await asyncio.wait(waits)
+            await run(job)
+        finally:
+            self._unregister(job)
+            self._slots.release()
+
+    def later_events(self, path: str, after_seq: int) -> list[Event]:
+        """Pending events with seq > ``after_seq`` touching ``path`` or one of its ancestors, by seq."""
+        found: dict[int, Event] = {}
+        for p in (path, *ancestors(path)):
+            for job in self._by_path.get(p, {}).values():
+                seq = job.event.seq
+                if seq is not None and seq > after_seq:
+                    found[seq] = job.event
+        return [found[k] for k in sorted(found)]
+
+    async def drain(self) -> None:
+        """Wait until every submitted job has finished."""
+        await self._idle.wait()
+
+    async def cancel(self) -> None:
+        """Cancel every pending job and wait for their clean-up (temp files removed)."""
+        tasks = [j.task for j in self._jobs if j.task is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+
+    def _related(self, paths: tuple[str, ...]) -> set[Job]:
+        deps: set[Job] = set()
+        for path in paths:
+            for p in (path, *ancestors(path)):
+                deps.update(self._by_path.get(p, {}).values())
+            if self._below[path] > 0:
+                prefix = path + "/"
+                for p, jobs in self._by_path.items():
+                    if p.startswith(prefix):
+                        deps.update(jobs.values())
+        return deps
+
+    def _register(self, job: Job) -> None:
+        self._jobs.add(job)
+        self._idle.clear()
+        for path in set(job.event.paths()):
+            self._by_path.setdefault(path, {})[job.order] = job
+            for a in ancestors(path):
+                self._below[a] += 1
+
+    def _unregister(self, job: Job) -> None:
+        self._jobs.discard(job)
+        for path in set(job.event.paths()):
+            jobs = self._by_path.get(path)
+            if jobs is not None:
+                jobs.pop(job.order, None)
+                if not jobs:
+                    del self._by_path[path]
+            for a in ancestors(path):
+                self._below[a] -= 1
+                if self._below[a] <= 0:
+                    del self._below[a]
+        if not self._jobs:
+            self._idle.set()

@@ -15,6 +15,7 @@ import os
 import secrets
 import shutil
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +104,8 @@ class FakeInterface:
 
     async def _clients(self, request: web.Request) -> web.Response:
         return web.json_response({"head": self.head, "clients": [
-            {"id": cid, "seq": seq, "last_seen": self.last_seen[cid], "lag": self.head - seq}
+            {"id": cid, "seq": seq, "lag": max(0, self.head - seq),
+             "last_seen": datetime.fromtimestamp(self.last_seen[cid], timezone.utc).isoformat()}
             for cid, seq in sorted(self.progress.items())]})
 
 

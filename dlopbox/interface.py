@@ -105,7 +105,10 @@ class Ingest:
         self.settings = settings
         self.metrics = metrics
         self.log = EventLog(settings.mongo_url, settings.mongo_db, settings.backend_timeout)
+        #: Serialises commits: numbering, publication and the direct log write of one batch.
         self.lock = asyncio.Lock()
+        #: Serialises every write to the log and state (direct or from the journal) and snapshots.
+        self.log_lock = asyncio.Lock()
         self.ready = asyncio.Event()
         self.next_seq = 1
         #: Every seq up to this one is in the MongoDB log (and the state reflects exactly them).
@@ -276,8 +279,9 @@ class Ingest:
         started = time.perf_counter()
         try:
             # The publish's own timeout bounds the wait for its confirm inside the transaction.
-            with pymongo.timeout(2 * self.settings.backend_timeout):
-                await self.log.write(batch, confirmed)
+            async with self.log_lock:
+                with pymongo.timeout(2 * self.settings.backend_timeout):
+                    await self.log.write(batch, confirmed)
         except Unconfirmed:
             return False
         except PyMongoError as exc:
@@ -363,6 +367,13 @@ class Ingest:
         if batch is None:
             await message.reject(requeue=False)
             return
+        first, last = _seqs(batch)
+        if last >= self.next_seq:
+            # Published by an earlier run and missed by its drain: never reuse these seqs.
+            log.warning("journal batch %s (seqs %d-%d) is past the head; numbering resumes after it",
+                        batch.batch_id, first, last)
+            self.next_seq = last + 1
+            self._remember(batch.batch_id, first, last)
         delay = 0.2
         while True:
             try:
@@ -377,15 +388,15 @@ class Ingest:
         await message.ack()
 
     async def _journal_batch(self, batch: Batch) -> None:
-        first, last = _seqs(batch)
+        """Write a journalled batch unless the log has it; never holds the commit lock.
+
+        In log-degraded mode commits do not write, so only the keeper does; otherwise a direct
+        write of this batch holds the log lock, and once it is released the batch is logged.
+        """
+        last = _seqs(batch)[1]
         if last > self.logged_through:
-            async with self.lock:
-                if last >= self.next_seq:
-                    # Published by an earlier run and missed by its drain: never reuse these seqs.
-                    log.warning("journal batch %s (seqs %d-%d) is past the head; numbering resumes after it",
-                                batch.batch_id, first, last)
-                    self.next_seq = last + 1
-                    self._remember(batch.batch_id, first, last)
+            await self.log.ping()  # fail fast, without the log lock, while MongoDB is down
+            async with self.log_lock:
                 if last > self.logged_through:
                     await self._write(batch, self.settings.backend_timeout * KEEPER_TIMEOUT_FACTOR)
         with pymongo.timeout(self.settings.backend_timeout):
@@ -394,12 +405,12 @@ class Ingest:
     # -- reading -----------------------------------------------------------------------------
 
     async def manifest(self) -> tuple[IO[bytes], int, int]:
-        """A consistent snapshot, spooled under the commit lock: (NDJSON entries, seq, count)."""
+        """A consistent snapshot, spooled under the log lock: (NDJSON entries, seq, count)."""
         if not self.ready.is_set():
             raise Unavailable("starting: waiting for MongoDB and RabbitMQ")
         spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY)
         try:
-            async with self.lock:
+            async with self.log_lock:
                 seq, count = self.logged_through, 0
                 async for doc in self.log.state_cursor():
                     line = json.dumps(entry_from_doc(doc).to_dict(), ensure_ascii=False, separators=(",", ":"))

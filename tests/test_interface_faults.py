@@ -1,0 +1,143 @@
+"""The interface while RabbitMQ or MongoDB is down: nothing acknowledged is lost, nothing applied twice.
+
+These tests stop and restart the session's RabbitMQ and SecantusDB nodes (same port, same
+data), so they live in their own file and always restore the node before returning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+
+from dlopbox.events import Entry, Event, Op
+from dlopbox.tree import Tree
+from tests.interface_harness import (
+    WRITE, batch_body, bound_queues, message_seqs, mongo_reader, numbered_events, poll, post_batch, running,
+    settings_for, write_event,
+)
+
+pytestmark = pytest.mark.usefixtures("clean_journal")
+
+
+@contextlib.asynccontextmanager
+async def stopped(node) -> AsyncIterator[None]:
+    """Stop a session node for the duration of the block; it is running again afterwards, whatever happens."""
+    await asyncio.to_thread(node.stop)
+    try:
+        yield
+    finally:
+        if not node.running:
+            await asyncio.to_thread(node.start)
+
+
+async def health(http: aiohttp.ClientSession, url: str) -> tuple[int, dict]:
+    async with http.get(url + "/healthz") as r:
+        return r.status, await r.json()
+
+
+async def test_with_rabbitmq_stopped_posts_get_503_and_the_retried_batch_lands_once(rabbit, mongo, mongo_db,
+                                                                                     client_queues):
+    async with bound_queues(rabbit, client_queues[:2]):
+        pass  # declared and bound; read again after the broker's restart
+    first = [write_event("before.txt", b"1"), Event(Op.MKDIR, "dir", is_dir=True, mode=0o755)]
+    retried = [write_event("dir/during.txt", b"2"), Event(Op.DELETE, "before.txt")]
+    async with running(settings_for(rabbit, mongo, mongo_db)) as svc, mongo_reader(mongo, mongo_db) as db, \
+            aiohttp.ClientSession() as http:
+        assert (await post_batch(http, svc.url, first, "first"))[0] == 200
+        async with stopped(rabbit):
+            for _ in range(3):
+                status, reply = await post_batch(http, svc.url, retried, "retried")
+                assert status == 503, reply
+            async with http.post(svc.url + "/events", data=batch_body(retried, "retried"), headers=WRITE) as r:
+                assert r.status == 503 and r.headers["Retry-After"]
+            status, body = await health(http, svc.url)
+            assert status == 503 and body["rabbitmq"] == "down" and body["mongodb"] == "ok"
+            # Nothing of the refused batch is anywhere: not numbered, not logged, not in the state.
+            assert await db.seqs() == [1, 2]
+            assert set(await db.state()) == {"before.txt", "dir"}
+            assert body["head"] == 2
+        # The broker is back: the watcher's retry lands, once, right after the first batch.
+        async def retry() -> dict | None:
+            status, reply = await post_batch(http, svc.url, retried, "retried")
+            return reply if status == 200 else None
+        reply = await poll(retry, timeout=90, interval=0.5, what="the retried batch accepted")
+        assert (reply["first_seq"], reply["last_seq"], reply["logged"]) == (3, 4, True)
+        status, again = await post_batch(http, svc.url, retried, "retried")
+        assert (status, again) == (200, reply)
+        status, after = await post_batch(http, svc.url, [write_event("after.txt")], "after")
+        assert (status, after["first_seq"]) == (200, 5)
+        assert await db.seqs() == [1, 2, 3, 4, 5]
+        assert set(await db.state()) == {"dir", "dir/during.txt", "after.txt"}
+        async with bound_queues(rabbit, []) as queues:
+            for name in ("dlopbox.client." + i for i in client_queues[:2]):
+                messages = await queues.take(name, 3)
+                assert [m.message_id for m in messages] == ["first", "retried", "after"]
+                assert message_seqs(messages) == [1, 2, 3, 4, 5]
+
+
+async def test_with_mongodb_stopped_sync_keeps_flowing_and_the_log_catches_up(rabbit, mongo, mongo_db,
+                                                                                client_queues):
+    batches = [[write_event(f"b{i}/f{j}", bytes([i, j])) for j in range(3)] for i in range(6)]
+    batches[3].append(Event(Op.MOVE, "b0/f0", dest="moved"))
+    batches[4].append(Event(Op.DELETE, "b1/f1"))
+    ends = [sum(len(b) for b in batches[:i + 1]) for i in range(len(batches))]  # last seq of each batch
+    async with bound_queues(rabbit, client_queues[:1]) as queues, \
+            running(settings_for(rabbit, mongo, mongo_db)) as svc, aiohttp.ClientSession() as http:
+        status, reply = await post_batch(http, svc.url, batches[0], "m0")
+        assert (status, reply["logged"]) == (200, True)
+        async with stopped(mongo):
+            for i in (1, 2, 3):
+                status, reply = await post_batch(http, svc.url, batches[i], f"m{i}")
+                assert status == 200, reply
+                assert reply["logged"] is False, "MongoDB is down: the batch is durable in RabbitMQ only"
+            # Clients keep receiving while the log is down.
+            messages = await queues.take(queues.names[0], 4)
+            assert message_seqs(messages) == list(range(1, ends[3] + 1))
+            status, body = await health(http, svc.url)
+            assert status == 503 and body["mongodb"].startswith("down") and body["log_degraded"] is True
+            assert (body["head"], body["logged"]) == (ends[3], ends[0])
+        # MongoDB is back: the journal keeper writes the log in order, then direct writes resume.
+        async def caught_up() -> bool:
+            status, body = await health(http, svc.url)
+            return status == 200 and body["logged"] == ends[3] and not body["log_degraded"]
+        await poll(caught_up, timeout=90, interval=0.3, what="the log caught up")
+        for i in (4, 5):
+            status, reply = await post_batch(http, svc.url, batches[i], f"m{i}")
+            assert (status, reply["logged"]) == (200, True)
+        messages = await queues.take(queues.names[0], 2)
+        assert message_seqs(messages) == list(range(ends[3] + 1, ends[5] + 1))
+    async with mongo_reader(mongo, mongo_db) as db:
+        assert await db.seqs() == list(range(1, ends[5] + 1)), "every seq exactly once"
+        expected = Tree()
+        for seq, e in enumerate((e for b in batches for e in b), 1):
+            expected.apply(e.with_seq(seq))
+        state = await db.state()
+        assert Tree(Entry(p, d["is_dir"], d.get("size"), d.get("mtime_ns"), d.get("mode"), d.get("digest"), d.get("seq"))
+                    for p, d in state.items()) == expected
+
+
+async def test_a_restart_while_mongodb_is_down_loses_nothing(rabbit, mongo, mongo_db, client_queues):
+    settings = settings_for(rabbit, mongo, mongo_db)
+    async with bound_queues(rabbit, client_queues[:1]) as queues, aiohttp.ClientSession() as http:
+        async with running(settings) as svc:
+            assert (await post_batch(http, svc.url, [write_event("a")], "r0"))[0] == 200
+            async with stopped(mongo):
+                status, reply = await post_batch(http, svc.url, [write_event("b"), write_event("c")], "r1")
+                assert (status, reply["logged"]) == (200, False)
+                await svc.shutdown()
+        # MongoDB is back before the interface: it drains its journal into the log first.
+        async with running(settings) as svc:
+            status, reply = await post_batch(http, svc.url, [write_event("b"), write_event("c")], "r1")
+            assert (status, reply) == (200, {"batch_id": "r1", "first_seq": 2, "last_seq": 3, "logged": True})
+            status, reply = await post_batch(http, svc.url, [write_event("d")], "r2")
+            assert (status, reply["first_seq"], reply["logged"]) == (200, 4, True)
+        messages = await queues.take(queues.names[0], 3)
+        assert [m.message_id for m in messages] == ["r0", "r1", "r2"]
+        assert [e.path for e in numbered_events(messages)] == ["a", "b", "c", "d"]
+    async with mongo_reader(mongo, mongo_db) as db:
+        assert await db.seqs() == [1, 2, 3, 4]
+        assert set(await db.state()) == {"a", "b", "c", "d"}

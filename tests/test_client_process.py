@@ -1,0 +1,214 @@
+"""The client as a real process (`python -m dlopbox client`): big files, memory, kills, SIGTERM.
+
+Real RabbitMQ and nginx; the interface's read side is the test double of tests/fake_interface.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import aio_pika
+import pytest
+
+from dlopbox.events import Event, Op
+from dlopbox.state import TEMP_PREFIX, load_state
+from tests.client_harness import ClientProcess, client_settings, leftovers, wait_equal
+from tests.fake_interface import FakeInterface, FakeMaster
+
+BIG = 200 * 1024 * 1024
+RSS_LIMIT_KIB = 64 * 1024
+
+
+@pytest.fixture
+async def upstream(shared_dir, rabbit):
+    fake = FakeInterface(shared_dir)
+    await fake.start()
+    conn = await aio_pika.connect(rabbit.interface_url)
+    channel = await conn.channel(publisher_confirms=True)
+    exchange = await channel.get_exchange("dlopbox.events", ensure=False)
+    yield FakeMaster(shared_dir, fake, exchange)
+    await conn.close()
+    await fake.stop()
+
+
+@pytest.fixture
+def process(rabbit, nginx, shared_dir, upstream, client_queues, tmp_path):
+    started: list[ClientProcess] = []
+
+    def make(target: Path, index: int = 0) -> ClientProcess:
+        settings = client_settings(rabbit, nginx, shared_dir, upstream.interface.url, upstream.interface.token,
+                                   client_queues[index], target)
+        proc = ClientProcess(settings, tmp_path / f"client{index}.log")
+        started.append(proc)
+        return proc
+
+    yield make
+    for proc in started:
+        if proc.proc is not None and proc.proc.poll() is None:
+            proc.proc.kill()
+            proc.proc.wait()
+
+
+def write_big(path: Path, size: int = BIG, seed: bytes = b"") -> Event:
+    """A file of ``size`` pseudo-random bytes, written and hashed 1 MiB at a time; its write event."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    block = hashlib.sha256(seed).digest() * 32768  # 1 MiB
+    with open(path, "wb") as f:
+        for i in range(size // len(block)):
+            chunk = i.to_bytes(8, "big") + block[8:]
+            f.write(chunk)
+            digest.update(chunk)
+    st = os.stat(path)
+    return Event(Op.WRITE, path.name, size=st.st_size, mtime_ns=st.st_mtime_ns, mode=st.st_mode & 0o7777,
+                 digest=digest.hexdigest())
+
+
+async def until(predicate, timeout: float, what: str, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        await asyncio.sleep(interval)
+
+
+def _mtime_ns(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_mtime_ns
+    except FileNotFoundError:
+        return None
+
+
+async def _timed(*argv: str) -> float:
+    started = time.monotonic()
+    proc = await asyncio.create_subprocess_exec(*argv)
+    assert await proc.wait() == 0
+    return time.monotonic() - started
+
+
+def temp_files(root: Path) -> list[str]:
+    return [n for n in os.listdir(root) if n.startswith(TEMP_PREFIX)]
+
+
+class FinalNameSampler(threading.Thread):
+    """Watches a final name while it is downloaded: only complete versions may ever be seen there."""
+
+    def __init__(self, path: Path, versions: dict[str, int]) -> None:
+        super().__init__(daemon=True)
+        self.path = path
+        self.versions = versions  # digest -> size
+        self.stop = threading.Event()
+        self.samples = 0
+        self.hashed = 0
+        self.bad: list[str] = []
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                fd = os.open(self.path, os.O_RDONLY)
+            except FileNotFoundError:
+                time.sleep(0.002)
+                continue
+            with os.fdopen(fd, "rb") as f:
+                size = os.fstat(fd).st_size
+                self.samples += 1
+                if size not in self.versions.values():
+                    self.bad.append(f"size {size}")
+                elif self.hashed < 6:  # the open descriptor pins one version: hash it whole
+                    digest = hashlib.file_digest(f, "sha256").hexdigest()
+                    self.hashed += 1
+                    if digest not in self.versions:
+                        self.bad.append(f"digest {digest}")
+
+
+async def test_200_mib_file_streams_in_bounded_memory_and_never_shows_partially(
+        upstream: FakeMaster, process, shared_dir, tmp_path, nginx):
+    m = upstream
+    slave = tmp_path / "slave"
+    client = process(slave)
+    client.start()
+    await until(lambda: load_state(slave) is not None, 60, "the first sync")
+
+    first = await asyncio.to_thread(write_big, shared_dir / "big.bin", BIG, b"v1")
+    sampler = FinalNameSampler(slave / "big.bin", {first.digest: BIG})
+    sampler.start()
+    started = time.monotonic()
+    await m.publish(first)
+    await until(lambda: _mtime_ns(slave / "big.bin") == first.mtime_ns, 120, "the download", interval=0.005)
+    client_seconds = time.monotonic() - started  # publish -> consumed, streamed, hashed, fsync'd, renamed
+    await wait_equal(shared_dir, slave, timeout=120)
+
+    # A rewrite: the old version stays whole under the final name until the new one replaces it.
+    second = await asyncio.to_thread(write_big, shared_dir / "big.bin", BIG, b"v2")
+    sampler.versions[second.digest] = BIG
+    await m.publish(second)
+    await wait_equal(shared_dir, slave, timeout=120)
+    sampler.stop.set()
+    sampler.join()
+    rss_kib = client.peak_rss_kib()
+
+    url = nginx.url + f"{shared_dir.name}/big.bin"
+    curl_null = await _timed("curl", "-sS", "-o", "/dev/null", url)
+    curl_file = await _timed("sh", "-c", f"curl -sS -o '{tmp_path}/curl.bin' '{url}' && sync '{tmp_path}/curl.bin'")
+    print(f"\n200 MiB: client {client_seconds:.2f}s from publish to verified, fsync'd and renamed "
+          f"({BIG / client_seconds / 1048576:.0f} MiB/s); curl to a file + sync {curl_file:.2f}s "
+          f"({BIG / curl_file / 1048576:.0f} MiB/s); curl to /dev/null {curl_null:.2f}s "
+          f"({BIG / curl_null / 1048576:.0f} MiB/s); client peak RSS (VmHWM) {rss_kib / 1024:.1f} MiB; "
+          f"{sampler.samples} samples of the final name, {sampler.hashed} hashed whole")
+
+    started = time.monotonic()
+    assert client.stop() == 0
+    assert time.monotonic() - started < 10
+    assert sampler.bad == [], sampler.bad
+    assert sampler.samples > 0
+    assert rss_kib < RSS_LIMIT_KIB, f"peak RSS {rss_kib} KiB"
+
+
+async def test_sigkill_mid_download_then_restart_leaves_no_partial_or_temp_file(
+        upstream: FakeMaster, process, shared_dir, tmp_path):
+    m = upstream
+    slave = tmp_path / "slave"
+    client = process(slave)
+    client.start()
+    await until(lambda: load_state(slave) is not None, 60, "the first sync")
+    event = await asyncio.to_thread(write_big, shared_dir / "big.bin", BIG, b"kill")
+    await m.publish(event, m.write("small-after", b"queued behind it"))
+    await until(lambda: temp_files(slave), 60, "the download to start", interval=0.005)
+    client.signal(signal.SIGKILL)
+    client.wait(10)
+    assert not (slave / "big.bin").exists(), "a partial file under its final name"
+    seq_before = load_state(slave).seq
+
+    client.start()
+    await wait_equal(shared_dir, slave, timeout=120)
+    assert client.stop() == 0
+    assert leftovers(slave) == []
+    assert load_state(slave).seq == m.interface.head > seq_before
+
+
+async def test_sigterm_mid_download_stops_within_seconds_and_resumes(upstream: FakeMaster, process, shared_dir,
+                                                                     tmp_path):
+    m = upstream
+    slave = tmp_path / "slave"
+    client = process(slave)
+    client.start()
+    await until(lambda: load_state(slave) is not None, 60, "the first sync")
+    event = await asyncio.to_thread(write_big, shared_dir / "big.bin", BIG, b"term")
+    await m.publish(event)
+    await until(lambda: temp_files(slave), 60, "the download to start", interval=0.005)
+    started = time.monotonic()
+    client.signal(signal.SIGTERM)
+    assert client.wait(10) == 0
+    assert time.monotonic() - started < 5
+    assert leftovers(slave) == [], "an abandoned download's temp file was left behind"
+    assert "stopped at seq" in client.log()
+
+    client.start()
+    await wait_equal(shared_dir, slave, timeout=120)
+    assert client.stop() == 0
+    assert load_state(slave).seq == m.interface.head

@@ -226,7 +226,7 @@ class EventLog:
 
     def state_cursor(self) -> Any:
         """Every state document sorted by path: a parent sorts before anything below it."""
-        return self.state.find({}, {"_id": 0}).sort("path", 1)
+        return self.state.find({}, {"_id": 0}).sort("path", 1).batch_size(5000)
 
     async def client_progress(self) -> list[dict[str, Any]]:
         return await self.clients.find().sort("_id", 1).to_list()

@@ -1,8 +1,10 @@
 """`dlopbox interface`: the ingestion API (port 5000).
 
 Every accepted batch gets gap-free seqs and is, concurrently, published to RabbitMQ
-(publisher confirm awaited) and written to the MongoDB log and tree state. One lock (the
-commit lock) serialises commits, so numbering order, publication order and log order agree.
+(publisher confirm awaited) and written to the MongoDB log and tree state; the MongoDB
+transaction commits only after the confirm. One lock (the commit lock) serialises commits,
+so numbering order, publication order and log order agree; a second one (the log lock)
+serialises writes to the log, direct or from the journal, with manifest snapshots.
 
 When a backend fails:
 - RabbitMQ down: POST /events answers 503 before numbering anything. A batch whose publish
@@ -58,6 +60,7 @@ JOURNAL_PREFETCH = 64
 #: The keeper's writes may be big (a large rmdir or move); give them longer than a commit.
 KEEPER_TIMEOUT_FACTOR = 12
 SPOOL_MEMORY = 1024 * 1024
+MANIFEST_YIELD_EVERY = 1000
 STREAM_CHUNK = 256 * 1024
 SHUTDOWN_TIMEOUT = 15.0
 RETRY_AFTER = "1"
@@ -416,6 +419,8 @@ class Ingest:
                     line = json.dumps(entry_from_doc(doc).to_dict(), ensure_ascii=False, separators=(",", ":"))
                     spool.write(line.encode() + b"\n")
                     count += 1
+                    if count % MANIFEST_YIELD_EVERY == 0:
+                        await asyncio.sleep(0)  # a cursor batch is decoded at once: let other requests run
         except BaseException:
             spool.close()
             raise

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 from collections.abc import AsyncIterator
 
+import aio_pika
 import aiohttp
 import pytest
 
+from dlopbox import broker
 from dlopbox.events import Entry, Event, Op
 from dlopbox.tree import Tree
 from tests.interface_harness import (
@@ -32,6 +36,14 @@ async def stopped(node) -> AsyncIterator[None]:
     finally:
         if not node.running:
             await asyncio.to_thread(node.start)
+
+
+async def journal_depth(rabbit, expected: int) -> bool:
+    connection = await aio_pika.connect(rabbit.admin_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(broker.JOURNAL_QUEUE, passive=True)
+        return queue.declaration_result.message_count == expected
 
 
 async def health(http: aiohttp.ClientSession, url: str) -> tuple[int, dict]:
@@ -72,6 +84,8 @@ async def test_with_rabbitmq_stopped_posts_get_503_and_the_retried_batch_lands_o
         assert (status, after["first_seq"]) == (200, 5)
         assert await db.seqs() == [1, 2, 3, 4, 5]
         assert set(await db.state()) == {"dir", "dir/during.txt", "after.txt"}
+        # The journal keeper consumes again after the broker's restart.
+        await poll(lambda: journal_depth(rabbit, 0), timeout=30, what="the journal consumed")
         async with bound_queues(rabbit, []) as queues:
             for name in ("dlopbox.client." + i for i in client_queues[:2]):
                 messages = await queues.take(name, 3)
@@ -141,3 +155,43 @@ async def test_a_restart_while_mongodb_is_down_loses_nothing(rabbit, mongo, mong
     async with mongo_reader(mongo, mongo_db) as db:
         assert await db.seqs() == [1, 2, 3, 4]
         assert set(await db.state()) == {"a", "b", "c", "d"}
+
+
+async def test_a_frozen_broker_leaves_the_batch_pending_and_never_half_logged(rabbit, mongo, mongo_db,
+                                                                               client_queues):
+    """No confirm arrives (the broker is frozen, its sockets open): the batch is numbered but
+    not logged (its transaction waits for the confirm, then aborts) and blocks every later
+    batch until it is published; its retry keeps its seqs."""
+    settings = settings_for(rabbit, mongo, mongo_db, backend_timeout=1.0)
+    async with bound_queues(rabbit, client_queues[:1]) as queues, running(settings) as svc, \
+            mongo_reader(mongo, mongo_db) as db, aiohttp.ClientSession() as http:
+        assert (await post_batch(http, svc.url, [write_event("first")], "first"))[0] == 200
+        os.killpg(rabbit.proc.pid, signal.SIGSTOP)
+        try:
+            status, reply = await post_batch(http, svc.url, [write_event("frozen-1"), write_event("frozen-2")], "frozen")
+            assert status == 503, reply
+            assert await db.seqs() == [1], "a batch RabbitMQ did not confirm must not be logged"
+            status, body = await health(http, svc.url)
+            assert body["pending"] is True and body["head"] == 1
+            status, reply = await post_batch(http, svc.url, [write_event("other")], "other")
+            assert status == 503, "a later batch must not overtake the pending one"
+            assert await db.seqs() == [1]
+        finally:
+            os.killpg(rabbit.proc.pid, signal.SIGCONT)
+
+        async def retry() -> dict | None:
+            status, reply = await post_batch(http, svc.url, [write_event("frozen-1"), write_event("frozen-2")], "frozen")
+            return reply if status == 200 else None
+        reply = await poll(retry, timeout=60, interval=0.5, what="the pending batch published")
+        assert (reply["first_seq"], reply["last_seq"], reply["logged"]) == (2, 3, True)
+        status, reply = await post_batch(http, svc.url, [write_event("other")], "other")
+        assert (status, reply["first_seq"]) == (200, 4)
+        assert await db.seqs() == [1, 2, 3, 4]
+        # Republishing an unconfirmed batch may deliver it twice, always with the same seqs.
+        messages = await queues.take(queues.names[0], 3)
+        distinct = {}
+        for m in messages:
+            distinct.setdefault(m.message_id, m.body)
+            assert m.body == distinct[m.message_id]
+        assert list(distinct) == ["first", "frozen", "other"]
+        assert sorted(set(message_seqs(messages))) == [1, 2, 3, 4]

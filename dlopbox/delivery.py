@@ -1,0 +1,426 @@
+"""The watcher's way to the interface: coalesce events into batches, POST them in order, retry until durable.
+
+Events arrive one by one from the watcher, already in order. :class:`OpenBatch` merges the
+ones that cancel or supersede each other while the batch is open (50 writes of one file are
+one write; a file created and deleted is nothing). :class:`Delivery` closes a batch
+``batch_ms`` after its first event — or at once at ``batch_max`` events — and POSTs the
+batches one at a time over one kept-alive session, so they are logged in the order they were
+made. While events keep coming (a batch starts right after the previous one closed) the
+window doubles, up to BURST_WINDOW_MAX_S, so a burst goes out in few large batches while a
+lone change still leaves after ``batch_ms``. A failed POST is retried with the same ``batch_id`` (the interface applies it once),
+with backoff, for as long as it takes; meanwhile new events wait in a bounded buffer. Past
+``buffer_max`` the buffer is dropped and :attr:`Delivery.lost` tells the watcher to reconcile
+the disk with the interface's manifest instead, which sends exactly what is missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable
+
+import aiohttp
+import yarl
+
+from .events import Batch, Entry, Event, EventError, Op
+from .paths import is_within
+from .tree import Tree
+
+log = logging.getLogger("dlopbox.delivery")
+
+BACKOFF_FIRST_S = 0.05
+BACKOFF_MAX_S = 2.0
+#: Answers worth retrying: the interface (or what is in front of it) is not ready yet.
+RETRY_STATUSES = frozenset({401, 403, 408, 425, 429})
+REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=60, sock_connect=5)
+MANIFEST_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=60)
+FAILURE_LOG_EVERY_S = 10.0
+#: The longest a batch stays open while a burst lasts.
+BURST_WINDOW_MAX_S = 0.1
+
+
+class OpenBatch:
+    """The events of the batch being filled, coalesced as they arrive.
+
+    Dropped events leave a ``None`` in place so that the indexes in ``last`` stay valid.
+    ``barrier`` is the index of the latest directory move or rmdir: it changes paths below
+    it, so nothing before it is merged with anything after it.
+    """
+
+    def __init__(self) -> None:
+        self.events: list[Event | None] = []
+        self.created: list[bool] = []  # the event's path (a move's dest) did not exist for the slaves before it
+        self.last: dict[str, int] = {}  # path -> index of the latest event naming it
+        self.barrier = -1
+        self.live = 0
+
+    def __len__(self) -> int:
+        return self.live
+
+    def events_out(self) -> tuple[Event, ...]:
+        return tuple(e for e in self.events if e is not None)
+
+    def add(self, event: Event, created: bool = False) -> None:
+        """Append ``event``, merging it with an earlier event of the same path when that is exact."""
+        path = event.path
+        match event.op:
+            case Op.WRITE:
+                i = self._latest(path)
+                if i is not None and self._op(i) in (Op.WRITE, Op.ATTRIB):
+                    created = created or (self._op(i) is Op.WRITE and self.created[i])
+                    self._drop(i)
+            case Op.ATTRIB:
+                i = self._latest(path)
+                if i is not None:
+                    prev = self.events[i]
+                    assert prev is not None
+                    if prev.op is Op.WRITE:
+                        self.events[i] = dataclasses.replace(prev, mode=event.mode, mtime_ns=event.mtime_ns)
+                        return
+                    if prev.op is Op.MKDIR:
+                        self.events[i] = dataclasses.replace(prev, mode=event.mode)
+                        return
+                    if prev.op is Op.ATTRIB:
+                        self._drop(i)
+            case Op.DELETE:
+                i = self._latest(path)
+                if i is not None and self._op(i) in (Op.WRITE, Op.ATTRIB):
+                    was_created = self._op(i) is Op.WRITE and self.created[i]
+                    self._drop(i)
+                    if was_created:
+                        return
+            case Op.RMDIR:
+                if self._drop_tail_within(path):
+                    return
+            case Op.MOVE if not event.is_dir:
+                assert event.dest is not None
+                i = self._latest(path)
+                if i is not None and self._op(i) is Op.WRITE and self.created[i]:
+                    # A new file renamed into place (the usual atomic save): announce it where it landed.
+                    prev = self.events[i]
+                    assert prev is not None
+                    self._drop(i)
+                    event = dataclasses.replace(prev, path=event.dest, ts=event.ts)
+        self._append(event, created)
+
+    def _op(self, index: int) -> Op:
+        event = self.events[index]
+        assert event is not None
+        return event.op
+
+    def _latest(self, path: str) -> int | None:
+        """The latest live event naming ``path`` with nothing since that could have moved it."""
+        i = self.last.get(path)
+        if i is None or i <= self.barrier or self.events[i] is None:
+            return None
+        return i
+
+    def _drop_tail_within(self, directory: str) -> bool:
+        """Drop the trailing events that only touch ``directory``'s subtree; True if it was created in them."""
+        j = len(self.events) - 1
+        while j >= 0:
+            event = self.events[j]
+            if event is not None:
+                if not all(is_within(p, directory) for p in event.paths()):
+                    return False
+                self._drop(j)
+                if event.op is Op.MKDIR and event.path == directory:
+                    return True
+            j -= 1
+        return False
+
+    def _drop(self, index: int) -> None:
+        self.events[index] = None
+        self.live -= 1
+
+    def _append(self, event: Event, created: bool) -> None:
+        index = len(self.events)
+        self.events.append(event)
+        self.created.append(created)
+        for p in event.paths():
+            self.last[p] = index
+        if event.op is Op.RMDIR or (event.op is Op.MOVE and event.is_dir):
+            self.barrier = index
+        self.live += 1
+
+
+class Delivery:
+    """Batches events and POSTs them to the interface in order, one request at a time."""
+
+    def __init__(self, session: aiohttp.ClientSession, interface_url: str, token: str, *, batch_ms: float,
+                 batch_max: int, buffer_max: int, on_lost: Callable[[], None] = lambda: None) -> None:
+        self.session = session
+        self.base = yarl.URL(interface_url)
+        self.headers = {"Authorization": f"Bearer {token}"}
+        self.batch_s = batch_ms / 1000
+        self.batch_max = max(1, batch_max)
+        self.buffer_max = max(self.batch_max, buffer_max)
+        self.on_lost = on_lost
+        self.run_id = secrets.token_hex(6)
+        #: True once buffered events were dropped: only a reconcile with the manifest can catch up.
+        self.lost = False
+        self.requests = 0
+        self.events_sent = 0
+        self._counter = 0
+        self._open = OpenBatch()
+        self._sealed: deque[Batch] = deque()
+        self._sealed_events = 0
+        self._in_flight: Batch | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._due = False
+        self._window = self.batch_s
+        self._sealed_at = float("-inf")
+        self._failing_since: float | None = None
+        self._last_failure_log = 0.0
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._progress = asyncio.Event()
+
+    @property
+    def buffered(self) -> int:
+        """Events accepted and not yet acknowledged by the interface."""
+        in_flight = len(self._in_flight.events) if self._in_flight is not None else 0
+        return len(self._open) + self._sealed_events + in_flight
+
+    @property
+    def failing(self) -> bool:
+        return self._failing_since is not None
+
+    def add(self, event: Event, created: bool = False) -> None:
+        """Queue one event; ``created``: the slaves had nothing at its path (at its ``dest`` for a move)."""
+        if self.lost:
+            return
+        self._idle.clear()
+        self._open.add(event, created)
+        if len(self._open) >= self.batch_max:
+            self._seal()
+        elif self._timer is None and not self._due:
+            loop = asyncio.get_running_loop()
+            if loop.time() - self._sealed_at <= self._window:
+                self._window = min(self._window * 2, max(self.batch_s, BURST_WINDOW_MAX_S))
+            else:
+                self._window = self.batch_s
+            self._timer = loop.call_later(self._window, self._on_timer)
+        if self.buffered > self.buffer_max:
+            self._drop_buffer()
+
+    def flush_soon(self) -> None:
+        """Send what is open without waiting for the batch window (shutdown)."""
+        self._on_timer()
+
+    def resume(self) -> None:
+        """The watcher has reconciled with the manifest: accept events again."""
+        self.lost = False
+
+    async def room(self) -> None:
+        """Wait while the buffer is full but the interface is draining it (backpressure).
+
+        While the interface fails, return at once: the buffer then overflows into a reconcile
+        rather than stalling the watcher for an outage of unknown length.
+        """
+        while self.buffered >= self.buffer_max and not self.failing and not self.lost:
+            self._progress.clear()
+            await self._progress.wait()
+
+    async def wait_idle(self) -> None:
+        """Until every accepted event is acknowledged (or dropped) and nothing is in flight."""
+        await self._idle.wait()
+
+    async def run(self) -> None:
+        """The sender: POST sealed batches in order, forever."""
+        while True:
+            batch = await self._next_batch()
+            self._in_flight = batch
+            try:
+                await self._post(batch)
+            finally:
+                self._in_flight = None
+                self._progress.set()
+
+    async def _next_batch(self) -> Batch:
+        while True:
+            if self._sealed:
+                batch = self._sealed.popleft()
+                self._sealed_events -= len(batch.events)
+                return batch
+            if self._due:
+                self._due = False
+                if len(self._open):
+                    self._seal()
+                    continue
+                self._open = OpenBatch()  # everything in it cancelled out
+            if not len(self._open):
+                self._idle.set()
+            self._wake.clear()
+            await self._wake.wait()
+
+    def _on_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._due = True
+        self._wake.set()
+
+    def _seal(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._due = False
+        self._sealed_at = asyncio.get_running_loop().time()
+        events = self._open.events_out()
+        self._open = OpenBatch()
+        if events:
+            self._enqueue(events)
+
+    def _enqueue(self, events: tuple[Event, ...], *, front: bool = False) -> None:
+        self._counter += 1
+        batch = Batch(f"{self.run_id}-{self._counter}", events)
+        if front:
+            self._sealed.appendleft(batch)
+        else:
+            self._sealed.append(batch)
+        self._sealed_events += len(events)
+        self._wake.set()
+
+    def _drop_buffer(self) -> None:
+        dropped = len(self._open) + self._sealed_events
+        log.warning("more than %d events buffered while the interface is unreachable: dropping %d; "
+                    "will reconcile with its manifest when it is back", self.buffer_max, dropped)
+        self.lost = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._due = False
+        self._open = OpenBatch()
+        self._sealed.clear()
+        self._sealed_events = 0
+        if self._in_flight is None:
+            self._idle.set()
+        self._progress.set()
+        self.on_lost()
+
+    async def _post(self, batch: Batch) -> None:
+        """POST one batch until the interface has it (or refuses it for good)."""
+        url = self.base / "events"
+        body = batch.to_json()
+        headers = {**self.headers, "Content-Type": "application/json"}
+        delay = BACKOFF_FIRST_S
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                async with self.session.post(url, data=body, headers=headers, timeout=REQUEST_TIMEOUT) as response:
+                    status = response.status
+                    text = await response.text(errors="replace")
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                self._failed(f"POST /events failed: {type(exc).__name__}: {exc}")
+            else:
+                if status == 200:
+                    self._succeeded(attempts)
+                    self.requests += 1
+                    self.events_sent += len(batch.events)
+                    return
+                if status == 413 and len(batch.events) > 1:
+                    half = len(batch.events) // 2
+                    log.warning("batch %s of %d events is too large for the interface; splitting it",
+                                batch.batch_id, len(batch.events))
+                    self._enqueue(batch.events[half:], front=True)
+                    self._enqueue(batch.events[:half], front=True)
+                    return
+                if status == 400:
+                    self._refused(batch, text)
+                    return
+                if status >= 500 or status in RETRY_STATUSES:
+                    self._failed(f"POST /events answered {status}: {text[:300]}")
+                else:
+                    log.error("the interface refused batch %s of %d events for good (%d): %s", batch.batch_id,
+                              len(batch.events), status, text[:1000])
+                    return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, BACKOFF_MAX_S)
+
+    def _refused(self, batch: Batch, text: str) -> None:
+        """A 400: drop the one event the interface names and send the others, in order."""
+        try:
+            index = json.loads(text).get("index")
+        except (ValueError, AttributeError):
+            index = None
+        if not isinstance(index, int) or not 0 <= index < len(batch.events):
+            log.error("the interface refused batch %s (%d events) without naming an event; dropping it: %s",
+                      batch.batch_id, len(batch.events), text[:1000])
+            return
+        log.error("the interface refused event %s of batch %s; dropping that event: %s",
+                  batch.events[index].to_json()[:500], batch.batch_id, text[:500])
+        rest = batch.events[:index] + batch.events[index + 1:]
+        if rest:
+            self._enqueue(rest, front=True)
+
+    def _failed(self, message: str) -> None:
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+            self._last_failure_log = now
+            log.warning("%s; retrying with backoff", message)
+        elif now - self._last_failure_log >= FAILURE_LOG_EVERY_S:
+            self._last_failure_log = now
+            log.warning("%s; still retrying after %.0f s", message, now - self._failing_since)
+        self._progress.set()
+
+    def _succeeded(self, attempts: int) -> None:
+        if self._failing_since is not None:
+            log.info("the interface answers again after %.1f s (%d attempts)",
+                     time.monotonic() - self._failing_since, attempts)
+            self._failing_since = None
+
+    async def fetch_manifest(self) -> Tree:
+        """GET /manifest, retrying with backoff until the interface answers it in full."""
+        delay = BACKOFF_FIRST_S
+        while True:
+            try:
+                return await self._manifest_once()
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                self._failed(f"GET /manifest failed: {type(exc).__name__}: {exc}")
+            except ManifestError as exc:
+                self._failed(f"GET /manifest: {exc}")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, BACKOFF_MAX_S)
+
+    async def _manifest_once(self) -> Tree:
+        async with self.session.get(self.base / "manifest", headers=self.headers, timeout=MANIFEST_TIMEOUT) as response:
+            if response.status != 200:
+                raise ManifestError(f"answered {response.status}: {(await response.text(errors='replace'))[:300]}")
+            header = _json_line(await response.content.readline())
+            try:
+                count = int(header["count"])
+            except (KeyError, TypeError, ValueError):
+                raise ManifestError(f"malformed header {header!r}") from None
+            tree = Tree()
+            while line := await response.content.readline():
+                if not line.strip():
+                    continue
+                try:
+                    entry = Entry.from_dict(_json_line(line))
+                except EventError as exc:
+                    raise ManifestError(f"malformed entry: {exc}") from None
+                tree.entries[entry.path] = entry
+            if len(tree) != count:
+                raise ManifestError(f"announced {count} entries but sent {len(tree)}")
+        self._succeeded(1)
+        return tree
+
+
+class ManifestError(RuntimeError):
+    """The manifest did not arrive whole and well-formed."""
+
+
+def _json_line(line: bytes) -> object:
+    try:
+        return json.loads(line)
+    except ValueError as exc:
+        raise ManifestError(f"malformed line: {exc}") from None

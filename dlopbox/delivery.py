@@ -7,10 +7,11 @@ one write; a file created and deleted is nothing). :class:`Delivery` closes a ba
 batches one at a time over one kept-alive session, so they are logged in the order they were
 made. While events keep coming (a batch starts right after the previous one closed) the
 window doubles, up to BURST_WINDOW_MAX_S, so a burst goes out in few large batches while a
-lone change still leaves after ``batch_ms``. A failed POST is retried with the same ``batch_id`` (the interface applies it once),
-with backoff, for as long as it takes; meanwhile new events wait in a bounded buffer. Past
-``buffer_max`` the buffer is dropped and :attr:`Delivery.lost` tells the watcher to reconcile
-the disk with the interface's manifest instead, which sends exactly what is missing.
+lone change still leaves after ``batch_ms``. A failed POST is retried with the same
+``batch_id`` (the interface applies it once), with backoff, for as long as it takes;
+meanwhile new events wait in a bounded buffer. Past ``buffer_max`` the buffer is dropped
+and :attr:`Delivery.lost` tells the watcher to reconcile the disk with the interface's
+manifest instead, which sends exactly what is missing.
 """
 
 from __future__ import annotations

@@ -191,6 +191,14 @@ def hash_file(path: Path, rel: str, abort: threading.Event) -> Entry | None:
     return None
 
 
+def _same_content(a: Entry, b: Entry) -> bool:
+    return (a.size, a.mtime_ns, a.digest) == (b.size, b.mtime_ns, b.digest)
+
+
+def _stat_matches(st: os.stat_result, entry: Entry) -> bool:
+    return (st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode)) == (entry.size, entry.mtime_ns, entry.mode)
+
+
 def _lstat(path: Path) -> os.stat_result | None:
     try:
         return os.lstat(path)
@@ -248,10 +256,10 @@ def scan_path(root: Path, rel: str, ignore: Ignore, previous: Tree, abort: threa
         if entry.is_dir:
             continue
         known = previous.get(p)
-        if known is not None and (known.size, known.mtime_ns, known.digest) == (entry.size, entry.mtime_ns, entry.digest):
+        if known is not None and _same_content(known, entry):
             continue  # digest reused, not read now
         st = _lstat(root / p)
-        if st is None or (st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode)) != (entry.size, entry.mtime_ns, entry.mode):
+        if st is None or not _stat_matches(st, entry):
             unstable.add(p)
     return ScanResult(found, unstable)
 
@@ -548,7 +556,8 @@ class Watcher:
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root} is not a directory")
         self._loop = asyncio.get_running_loop()
-        self._pool = ThreadPoolExecutor(max_workers=max(1, self.settings.hash_workers), thread_name_prefix="dlopbox-hash")
+        workers = max(1, self.settings.hash_workers)
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dlopbox-hash")
         try:
             with Inotify(cache_size=READ_EVENTS) as inotify:
                 self._inotify = inotify
@@ -693,7 +702,8 @@ class Watcher:
         """A directory was made, or something was moved in: watch it, then scan it."""
         if is_dir:
             self._watches.watch_tree(rel)
-        self._enqueue(_Reconcile(rel, ts, self._in_pool(scan_path, self.root, rel, self.ignore, self.known, self._abort)))
+        scanned = self._in_pool(scan_path, self.root, rel, self.ignore, self.known, self._abort)
+        self._enqueue(_Reconcile(rel, ts, scanned))
 
     def _overflowed(self, ts: float) -> None:
         self.overflows += 1
@@ -742,7 +752,7 @@ class Watcher:
             st = _lstat(self.root / rel) if entry is not None else None
             if st is None or entry is None:
                 return None
-            if (st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode)) == (entry.size, entry.mtime_ns, entry.mode):
+            if _stat_matches(st, entry):
                 return entry
             entry = await self._in_pool(hash_file, self.root / rel, rel, self._abort)
         return entry
@@ -870,7 +880,8 @@ class Watcher:
         self.delivery.resume()
         self.reconciles += 1
         events = diff(self.known, self._stable(result))
-        log.info("reconciled %s with the interface's %d entries: %d events to send", self.root, len(manifest), len(events))
+        log.info("reconciled %s with the interface's %d entries: %d events to send",
+                 self.root, len(manifest), len(events))
         await self._emit_all(events, time.time())
         self.ready.set()
 

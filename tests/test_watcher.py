@@ -12,8 +12,10 @@ import dataclasses
 import hashlib
 import os
 import shutil
+import signal
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -216,12 +218,18 @@ async def test_each_operation_yields_its_events_in_order_with_metadata_and_diges
         def rename_file() -> None:
             """rename a file"""
             os.rename(a, root / "d/b.txt")
-        await step(rename_file, lambda: [{**write_of(root, "d/b.txt"), "op": "move", "path": "a.txt", "dest": "d/b.txt"}])
+        await step(rename_file, lambda: [{**write_of(root, "d/b.txt"), "op": "move", "path": "a.txt",
+                                          "dest": "d/b.txt"}])
 
         def rename_dir() -> None:
             """rename a directory"""
             os.rename(root / "d", root / "e")
         await step(rename_dir, lambda: [{"op": "move", "path": "d", "dest": "e", "is_dir": True}])
+
+        def chmod_dir() -> None:
+            """chmod a directory (its mode is mirrored, its mtime is not)"""
+            (root / "e").chmod(0o700)
+        await step(chmod_dir, lambda: [{"op": "attrib", "path": "e", "mode": 0o700, "mtime_ns": 0, "is_dir": True}])
 
         (outside / "in/sub").mkdir(parents=True)
         (outside / "in/f1").write_bytes(b"one")
@@ -481,6 +489,50 @@ async def test_a_restart_sends_the_changes_made_while_the_watcher_was_down(root:
     async with watching(root, receiver):
         await wait_synced(receiver, root)
     assert receiver.manifests >= 2
+
+
+async def test_an_interface_down_at_start_is_waited_for(root: Path, receiver: Receiver):
+    (root / "before").write_bytes(b"made before the watcher started")
+    await receiver.stop()
+    settings = WatcherSettings(root=root, interface_url=receiver.url, token=receiver.token)
+    stop = asyncio.Event()
+    async with aiohttp.ClientSession() as session:
+        watcher = Watcher(settings, session)
+        task = asyncio.create_task(watcher.run(stop))
+        await asyncio.sleep(1)
+        (root / "while-down").write_bytes(b"made while the interface was down")
+        await asyncio.sleep(0.5)
+        assert not watcher.ready.is_set()
+        await receiver.start()
+        await wait_synced(receiver, root)
+        (root / "after").write_bytes(b"after")
+        await wait_synced(receiver, root)
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+async def test_sigterm_makes_the_cli_flush_and_exit_within_seconds(root: Path, receiver: Receiver):
+    env = {**os.environ, "DLOPBOX_TOKEN": receiver.token, "DLOPBOX_ROOT": str(root),
+           "DLOPBOX_INTERFACE_URL": receiver.url}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "dlopbox", "watch", "--batch-ms", "600000", env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        await wait_until(lambda: receiver.manifests > 0, 30, "the watcher to read the manifest")
+        await asyncio.sleep(0.5)
+        (root / "last-words").write_bytes(b"bye")
+        await asyncio.sleep(1)  # read, hashed and held in a batch that would stay open for ten minutes
+        assert receiver.posts == 0
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        output, _ = await asyncio.wait_for(process.communicate(), 10)
+        assert time.monotonic() - started < 5
+        assert process.returncode == 0, output.decode()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert [plain(e) for e in receiver.events()] == [write_of(root, "last-words")]
 
 
 async def test_stop_flushes_what_is_buffered_and_exits_within_seconds(root: Path, receiver: Receiver):

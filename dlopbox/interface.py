@@ -22,7 +22,6 @@ When a backend fails:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import json
 import logging
@@ -124,6 +123,7 @@ class Ingest:
         self.exchange: AbstractExchange | None = None
         self.journal: AbstractQueue | None = None
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
 
     # -- lifetime ----------------------------------------------------------------------------
 
@@ -131,10 +131,17 @@ class Ingest:
         self._task = asyncio.create_task(self._serve(), name="dlopbox-interface-backends")
 
     async def close(self) -> None:
+        # A cancellation can surface as a connection error from the consumer being closed:
+        # the flag makes sure no retry loop takes it for an outage and carries on.
+        self._closing = True
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await self._task
+            except asyncio.CancelledError:
+                pass
+            except (PyMongoError, *AMQP_ERRORS) as exc:
+                log.info("backend task ended while closing: %s: %s", type(exc).__name__, exc)
         await self._close_amqp()
         await self.log.close()
 
@@ -152,6 +159,8 @@ class Ingest:
                 await self._open()
                 return
             except (PyMongoError, *AMQP_ERRORS) as exc:
+                if self._closing:
+                    raise
                 log.warning("backends not ready (%s: %s); retrying in %.1f s", type(exc).__name__, exc, delay)
                 await self._close_amqp()
                 await asyncio.sleep(delay)
@@ -346,7 +355,7 @@ class Ingest:
 
     async def _keep_journal(self) -> None:
         """Consume the journal for ever: write what the log lacks, then ack."""
-        while True:
+        while not self._closing:
             journal = self.journal
             try:
                 if journal is None:
@@ -355,6 +364,8 @@ class Ingest:
                     async for message in messages:
                         await self._from_journal(message)
             except AMQP_ERRORS as exc:
+                if self._closing:
+                    raise
                 log.warning("journal consumer interrupted (%s: %s); resuming", type(exc).__name__, exc)
                 await asyncio.sleep(1.0)
 
@@ -383,6 +394,8 @@ class Ingest:
                 await self._journal_batch(batch)
                 break
             except PyMongoError as exc:
+                if self._closing:
+                    raise
                 self.metrics.errors.labels("mongodb", "journal").inc()
                 log.warning("journal keeper cannot write batch %s yet (%s: %s); retrying in %.1f s",
                             batch.batch_id, type(exc).__name__, exc, delay)

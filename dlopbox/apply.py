@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import stat
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +25,8 @@ from .paths import resolve
 
 log = logging.getLogger("dlopbox.client")
 
-#: Times a write whose bytes do not match is retried before the client resyncs.
-STALE_RETRIES = 6
+#: Seconds a write whose bytes do not match waits for a newer event to explain it before the client resyncs.
+STALE_PATIENCE = 20.0
 MAX_BACKOFF = 5.0
 
 
@@ -45,13 +46,21 @@ class Fate:
 
 #: Given a write event, says what became of its content on the master since (see client.py).
 FateFinder = Callable[[Event], Awaitable[Fate]]
+#: Waits up to a timeout for news about a path (a later event touching it); asyncio.sleep will do.
+NewsWaiter = Callable[[str, float], Awaitable[None]]
+
+
+async def _sleep(path: str, timeout: float) -> None:
+    await asyncio.sleep(timeout)
 
 
 class Applier:
-    def __init__(self, target: Path, downloader: Downloader, fate: FateFinder | None = None) -> None:
+    def __init__(self, target: Path, downloader: Downloader, fate: FateFinder | None = None,
+                 news: NewsWaiter = _sleep) -> None:
         self.target = target
         self.downloader = downloader
         self.fate = fate
+        self.news = news
 
     async def apply(self, event: Event, *, resync: bool = False) -> Outcome:
         """Apply one event; raises UnsafePathError for a path that would leave the target."""
@@ -74,7 +83,7 @@ class Applier:
         final = resolve(self.target, event.path)
         version = FileVersion(event.size, event.digest, event.mode, event.mtime_ns)
         source = event.path
-        stale = 0
+        stale_since: float | None = None
         delay = 0.2
         while True:
             try:
@@ -94,15 +103,19 @@ class Applier:
                               event.seq, event.path, fate.path)
                     source = fate.path
                     continue
-                stale += 1
-                if stale > STALE_RETRIES:
-                    log.error("seq %s write %s: %s, and no newer event explains it after %d tries; "
-                              "will resync from the manifest", event.seq, event.path, exc, stale)
+                now = time.monotonic()
+                stale_since = now if stale_since is None else stale_since
+                if now - stale_since > STALE_PATIENCE:
+                    log.error("seq %s write %s: %s, and no newer event explains it after %.0fs; "
+                              "will resync from the manifest", event.seq, event.path, exc, now - stale_since)
                     return Outcome.RESYNC
-                log.info("seq %s %s: %s; retrying in %.1fs", event.seq, event.path, exc, delay)
+                # Most likely its newer event is still on its way: wake as soon as it arrives.
+                log.debug("seq %s %s: %s; no newer event known yet, retrying within %.1fs", event.seq, event.path,
+                          exc, delay)
+                await self.news(source, delay)
             except TransferError as exc:
                 log.warning("seq %s %s: %s; retrying in %.1fs", event.seq, event.path, exc, delay)
-            await asyncio.sleep(delay)
+                await asyncio.sleep(delay)
             delay = min(delay * 2, MAX_BACKOFF)
 
     async def move(self, event: Event, *, resync: bool = False) -> Outcome:

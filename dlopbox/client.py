@@ -89,7 +89,7 @@ class Client:
             self.api = InterfaceAPI(session, self.settings.interface_url, self.settings.read_token)
             self.downloader = Downloader(session, self.settings.files_url, self.settings.chunk_bytes,
                                          self.settings.downloads)
-            self.applier = Applier(self.target, self.downloader, self.fate)
+            self.applier = Applier(self.target, self.downloader, self.fate, self.scheduler.wait_for_news)
             self.resync = Resync(self.target, self.api, self.applier, self.downloader, self.scheduler)
             connection = await self._connect(stop)
             if connection is None:

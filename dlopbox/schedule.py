@@ -14,7 +14,8 @@ import asyncio
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 
-from .events import Event
+from .events import Event, Op
+from .paths import is_within
 
 
 class Job:
@@ -41,6 +42,7 @@ class PathScheduler:
         self._order = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._listeners: dict[str, set[asyncio.Future[None]]] = {}
 
     def __len__(self) -> int:
         return len(self._jobs)
@@ -53,6 +55,30 @@ class PathScheduler:
         deps = self._related(event.paths())
         self._register(job)
         job.task = asyncio.get_running_loop().create_task(self._run(job, deps, run), name=f"apply-{event.seq}")
+        if self._listeners:
+            self._notify(event)
+
+    async def wait_for_news(self, path: str, timeout: float) -> None:
+        """Sleep up to ``timeout``, less if an event touching ``path`` or an ancestor is submitted meanwhile."""
+        news = asyncio.get_running_loop().create_future()
+        self._listeners.setdefault(path, set()).add(news)
+        try:
+            await asyncio.wait([news], timeout=timeout)
+        finally:
+            listeners = self._listeners.get(path)
+            if listeners is not None:
+                listeners.discard(news)
+                if not listeners:
+                    del self._listeners[path]
+
+    def _notify(self, event: Event) -> None:
+        for path in event.paths():
+            woken = [p for p in self._listeners if is_within(p, path)] if event.is_dir or event.op in (
+                Op.MOVE, Op.RMDIR) else [path]
+            for p in woken:
+                for news in self._listeners.get(p, ()):
+                    if not news.done():
+                        news.set_result(None)
 
     async def _run(self, job: Job, deps: set[Job], run: Callable[[Job], Awaitable[None]]) -> None:
         try:

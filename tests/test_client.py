@@ -256,7 +256,7 @@ async def test_master_moved_on_the_outdated_write_is_skipped(upstream: FakeMaste
 async def test_write_whose_bytes_never_match_forces_a_resync(upstream: FakeMaster, make_settings, client_queues,
                                                              shared_dir, tmp_path, monkeypatch):
     from dlopbox import apply
-    monkeypatch.setattr(apply, "STALE_RETRIES", 1)
+    monkeypatch.setattr(apply, "STALE_PATIENCE", 0.5)
     m = upstream
     slave = tmp_path / "slave"
     async with running(make_settings(client_queues[0], slave)):

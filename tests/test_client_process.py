@@ -6,23 +6,18 @@ Real RabbitMQ and nginx; the interface's read side is the test double of tests/f
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
 import aio_pika
 import pytest
 
-from dlopbox.events import Event, Op
-from dlopbox.state import TEMP_PREFIX, load_state
-from tests.client_harness import ClientProcess, client_settings, leftovers, wait_equal
+from dlopbox.state import load_state
+from tests.client_harness import (BIG, RSS_LIMIT_KIB, ClientProcess, FinalNameSampler, client_settings, leftovers,
+                                  temp_files, until, wait_equal, write_big)
 from tests.fake_interface import FakeInterface, FakeMaster
-
-BIG = 200 * 1024 * 1024
-RSS_LIMIT_KIB = 64 * 1024
 
 
 @pytest.fixture
@@ -55,28 +50,6 @@ def process(rabbit, nginx, shared_dir, upstream, client_queues, tmp_path):
             proc.proc.wait()
 
 
-def write_big(path: Path, size: int = BIG, seed: bytes = b"") -> Event:
-    """A file of ``size`` pseudo-random bytes, written and hashed 1 MiB at a time; its write event."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
-    block = hashlib.sha256(seed).digest() * 32768  # 1 MiB
-    with open(path, "wb") as f:
-        for i in range(size // len(block)):
-            chunk = i.to_bytes(8, "big") + block[8:]
-            f.write(chunk)
-            digest.update(chunk)
-    st = os.stat(path)
-    return Event(Op.WRITE, path.name, size=st.st_size, mtime_ns=st.st_mtime_ns, mode=st.st_mode & 0o7777,
-                 digest=digest.hexdigest())
-
-
-async def until(predicate, timeout: float, what: str, interval: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        await asyncio.sleep(interval)
-
-
 def _mtime_ns(path: Path) -> int | None:
     try:
         return os.stat(path).st_mtime_ns
@@ -89,41 +62,6 @@ async def _timed(*argv: str) -> float:
     proc = await asyncio.create_subprocess_exec(*argv)
     assert await proc.wait() == 0
     return time.monotonic() - started
-
-
-def temp_files(root: Path) -> list[str]:
-    return [n for n in os.listdir(root) if n.startswith(TEMP_PREFIX)]
-
-
-class FinalNameSampler(threading.Thread):
-    """Watches a final name while it is downloaded: only complete versions may ever be seen there."""
-
-    def __init__(self, path: Path, versions: dict[str, int]) -> None:
-        super().__init__(daemon=True)
-        self.path = path
-        self.versions = versions  # digest -> size
-        self.stop = threading.Event()
-        self.samples = 0
-        self.hashed = 0
-        self.bad: list[str] = []
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            try:
-                fd = os.open(self.path, os.O_RDONLY)
-            except FileNotFoundError:
-                time.sleep(0.002)
-                continue
-            with os.fdopen(fd, "rb") as f:
-                size = os.fstat(fd).st_size
-                self.samples += 1
-                if size not in self.versions.values():
-                    self.bad.append(f"size {size}")
-                elif self.hashed < 6:  # the open descriptor pins one version: hash it whole
-                    digest = hashlib.file_digest(f, "sha256").hexdigest()
-                    self.hashed += 1
-                    if digest not in self.versions:
-                        self.bad.append(f"digest {digest}")
 
 
 async def test_200_mib_file_streams_in_bounded_memory_and_never_shows_partially(

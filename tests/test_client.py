@@ -8,6 +8,7 @@ tests/fake_interface.py, built from the files on disk.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import time
@@ -322,3 +323,46 @@ async def test_leftover_temp_files_are_removed_on_start(upstream: FakeMaster, ma
     async with running(make_settings(client_queues[0], slave)):
         await wait_equal(shared_dir, slave)
     assert leftovers(slave) == []
+
+
+async def test_client_rides_out_a_rabbitmq_restart(upstream: FakeMaster, make_settings, client_queues, shared_dir,
+                                                   tmp_path, rabbit):
+    m = upstream
+    slave = tmp_path / "slave"
+    async with running(make_settings(client_queues[0], slave)) as task:
+        await m.publish(m.write("before", b"before the restart"))
+        await wait_equal(shared_dir, slave)
+        await asyncio.to_thread(rabbit.restart)  # same port and data: the durable queue and the exchange survive
+        conn = await aio_pika.connect(rabbit.interface_url)
+        async with conn:
+            channel = await conn.channel(publisher_confirms=True)
+            m.exchange = await channel.get_exchange("dlopbox.events", ensure=False)
+            await m.publish(m.write("after", b"after the restart"))
+            await wait_equal(shared_dir, slave, timeout=90)
+            assert not task.done()
+    assert load_state(slave).seq == m.interface.head
+
+
+async def test_progress_bar_on_a_terminal_and_log_lines_otherwise(caplog):
+    from dlopbox.download import Counters
+    from dlopbox.progress import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    counters = Counters()
+    terminal = Terminal()
+    with Progress("catching up", counters, 10, 4 * 1048576, stream=terminal):
+        counters.files, counters.bytes = 5, 2 * 1048576
+        await asyncio.sleep(0.5)
+    shown = terminal.getvalue()
+    assert "\r" in shown and "[###############...............]  50%" in shown
+    assert "catching up: 5/10 files, 2.0 MiB/4.0 MiB" in shown and "MiB/s" in shown
+
+    with caplog.at_level("INFO", logger="dlopbox.client"):
+        with Progress("catching up", counters, 10, 4 * 1048576, stream=io.StringIO(), log_every=0.1):
+            counters.files += 5
+            await asyncio.sleep(0.35)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("catching up")]
+    assert len(lines) >= 3 and "5/10 files" in lines[-1]

@@ -150,3 +150,31 @@ async def test_sigterm_mid_download_stops_within_seconds_and_resumes(upstream: F
     await wait_equal(shared_dir, slave, timeout=120)
     assert client.stop() == 0
     assert load_state(slave).seq == m.interface.head
+
+
+async def test_a_backlog_of_10000_events_is_consumed_in_bounded_memory(upstream: FakeMaster, process, shared_dir,
+                                                                        tmp_path):
+    m = upstream
+    slave = tmp_path / "slave"
+    client = process(slave)
+    client.start()
+    await until(lambda: load_state(slave) is not None, 60, "the first sync")
+    assert client.stop() == 0
+
+    def make_files() -> list:
+        events = [m.mkdir(f"d{d}") for d in range(20)]
+        return events + [m.write(f"d{i % 20}/{i}.txt", os.urandom(512)) for i in range(10_000 - 20)]
+    events = await asyncio.to_thread(make_files)
+    await m.publish_each(events, per_message=1000)  # the watcher's largest batches
+
+    started = time.monotonic()
+    client.start()
+    head = m.interface.head
+    await until(lambda: (load_state(slave).seq or 0) >= head, 240, "the backlog", interval=0.1)
+    seconds = time.monotonic() - started
+    await wait_equal(shared_dir, slave, timeout=60)
+    rss_kib = client.peak_rss_kib()
+    print(f"\nbacklog of 10,000 events: consumed in {seconds:.1f}s ({10_000 / seconds:.0f} files/s); "
+          f"peak RSS {rss_kib / 1024:.1f} MiB")
+    assert client.stop() == 0
+    assert rss_kib < RSS_LIMIT_KIB, f"peak RSS {rss_kib} KiB"

@@ -503,6 +503,12 @@ class _Move(_Item):
         super().__init__(path, ts, job)
         self.is_dir = is_dir
 
+    def resolve(self, outcome: str | None) -> None:
+        """Pair it (or not); a move discarded by a reconcile is still paired, for its watches' sake."""
+        assert self.job is not None
+        if not self.job.done():
+            self.job.set_result(outcome)
+
     def paths(self) -> tuple[str, ...] | None:
         if not self.ready():
             return None
@@ -690,14 +696,14 @@ class Watcher:
         if ignored:
             if moved is not None:
                 self._watches.forget(moved)
-            item.job.set_result(MOVED_OUT)
+            item.resolve(MOVED_OUT)
             return
         if is_dir:
             if moved is not None and self._watches.by_wd.get(moved.watch.wd) is moved:
                 self._watches.move(moved, node, name)
             else:
                 self._watches.watch_tree(rel)
-        item.job.set_result(rel)
+        item.resolve(rel)
 
     def _pair_expired(self, cookie: int, confirmed: bool) -> None:
         """No MOVED_TO yet: once nothing is left to read, the MOVED_FROM was a move out of the tree."""
@@ -713,8 +719,7 @@ class Watcher:
         item, moved = self._moves.pop(cookie)
         if moved is not None:
             self._watches.forget(moved)
-        assert item.job is not None
-        item.job.set_result(MOVED_OUT)
+        item.resolve(MOVED_OUT)
 
     def _arrived(self, rel: str, is_dir: bool, ts: float) -> None:
         """A directory was made, or something was moved in: watch it, then scan it."""
@@ -739,8 +744,7 @@ class Watcher:
 
     def _resolve_moves(self, outcome: str) -> None:
         for item, _ in self._moves.values():
-            assert item.job is not None
-            item.job.set_result(outcome)
+            item.resolve(outcome)
         self._moves.clear()
 
     def _mark_dirty(self, rel: str) -> None:

@@ -408,10 +408,14 @@ async def test_an_interface_outage_of_five_seconds_during_a_burst_loses_nothing_
         assert seqs == sorted(seqs)
 
 
-async def test_the_buffer_overflowing_while_the_interface_is_down_ends_in_a_reconcile(root: Path, receiver: Receiver):
-    (root / "old").mkdir()
-    for i in range(30):
-        (root / "old" / f"o{i}").write_bytes(b"old")
+async def test_the_buffer_overflowing_while_the_interface_is_down_ends_in_a_reconcile(root: Path, tmp_path: Path,
+                                                                                     receiver: Receiver):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for d in ("old", "leaving", "renamed"):
+        (root / d).mkdir()
+        for i in range(30):
+            (root / d / f"o{i}").write_bytes(d.encode())
     async with watching(root, receiver, batch_max=10, buffer_max=50) as watcher:
         await wait_synced(receiver, root)
         await receiver.stop()
@@ -419,10 +423,20 @@ async def test_the_buffer_overflowing_while_the_interface_is_down_ends_in_a_reco
             (root / f"n{i}").write_bytes(b"new")
         shutil.rmtree(root / "old")
         await wait_until(lambda: watcher.delivery.lost, 30, "the buffer to overflow")
+        # While it waits for the interface, what it reads is dropped (its reconcile will see it),
+        # moves included: one not paired in time, then paired, must not upset it.
+        for i in range(20):
+            os.rename(root / "renamed", root / "renamed2")
+            os.rename(root / "renamed2", root / "renamed")
+            await asyncio.sleep(0.01)
+        os.rename(root / "leaving", outside / "leaving")
+        os.rename(root / "n1", outside / "n1")
         await asyncio.sleep(0.5)
         await receiver.start()
         await wait_synced(receiver, root)
         assert watcher.reconciles == 2
+        (root / "renamed" / "after").write_bytes(b"still watched")
+        await wait_synced(receiver, root)
 
 
 def _set_max_queued_events(value: int) -> bool:

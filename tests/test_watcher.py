@@ -100,17 +100,25 @@ async def watching(root: Path, receiver: Receiver, **overrides: Any) -> AsyncIte
     settings = WatcherSettings(root=root, interface_url=receiver.url, token=receiver.token,
                                **{"batch_ms": 20.0, **overrides})
     stop = asyncio.Event()
-    async with aiohttp.ClientSession() as session:
-        watcher = Watcher(settings, session)
-        task = asyncio.create_task(watcher.run(stop))
-        try:
-            await wait_until(lambda: watcher.ready.is_set() or task.done(), 60, "the watcher to start")
-            if task.done():
-                task.result()
-            yield watcher
-        finally:
-            stop.set()
-            await asyncio.wait_for(task, 15)
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []  # exceptions in callbacks are only logged by asyncio: fail on them
+    previous_handler = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    try:
+        async with aiohttp.ClientSession() as session:
+            watcher = Watcher(settings, session)
+            task = asyncio.create_task(watcher.run(stop))
+            try:
+                await wait_until(lambda: watcher.ready.is_set() or task.done(), 60, "the watcher to start")
+                if task.done():
+                    task.result()
+                yield watcher
+            finally:
+                stop.set()
+                await asyncio.wait_for(task, 15)
+    finally:
+        loop.set_exception_handler(previous_handler)
+    assert not errors, errors
 
 
 def sha256(path: Path) -> str:

@@ -4,9 +4,11 @@ inotify is not recursive: :class:`Watches` keeps one watch per directory and the
 path of each, adding a watch the moment a directory appears and only then listing it, so
 nothing written into it early is missed. Each kernel event becomes an item of one ordered
 pipeline; the disk work an item needs (a digest, a stat, a scan) starts at once in a thread
-pool, but items are released strictly in the order they were read, so no event overtakes an
-earlier one. A released item looks at :attr:`Watcher.known` — what the slaves have been
-told — emits only what changes it, and hands the events to :mod:`dlopbox.delivery`.
+pool, and items are released in the order they were read. The one exception: when the oldest
+item's work takes long (a 1 GiB digest), items touching none of its paths, nor their
+ancestors, go first — each path's own history stays in order. A released item looks at
+:attr:`Watcher.known` — what the slaves have been told — emits only what changes it, and
+hands the events to :mod:`dlopbox.delivery`.
 
 Whenever events may have been lost (at start-up, on IN_Q_OVERFLOW, when the delivery buffer
 overflowed), a scan of the disk is diffed against what is known, which emits exactly the
@@ -82,7 +84,10 @@ async def run(settings: WatcherSettings, *, stop: asyncio.Event) -> None:
 
 
 class _Entries(dict[str, Entry]):
-    """path -> Entry, with each directory's children indexed as entries come and go."""
+    """path -> Entry, with each directory's children indexed as entries come and go.
+
+    Tree.apply changes ``entries`` only by item assignment, ``pop`` and ``del``: those keep the index.
+    """
 
     def __init__(self) -> None:
         super().__init__()

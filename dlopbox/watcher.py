@@ -259,7 +259,8 @@ def scan_path(root: Path, rel: str, ignore: Ignore, previous: Tree, abort: threa
         found.entries[rel] = entry_from_stat(rel, st)
         prefix = rel + "/"
         for sub, entry in scan(path, ignore, previous=_Below(previous, rel)).entries.items():
-            found.entries[prefix + sub] = dataclasses.replace(entry, path=prefix + sub)
+            if _safe(prefix + sub):  # a scan of the whole tree skips what would be too long
+                found.entries[prefix + sub] = dataclasses.replace(entry, path=prefix + sub)
     unstable = set()
     for p, entry in found.entries.items():
         if entry.is_dir:

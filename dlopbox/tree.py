@@ -140,7 +140,7 @@ def scan(root: str | os.PathLike[str], ignore: Ignore | None = None, previous: T
                 try:
                     check_relpath(rel)
                     st = item.stat(follow_symlinks=False)
-                except (UnsafePathError, FileNotFoundError):
+                except (UnsafePathError, OSError):  # gone, or too long for the kernel (ENAMETOOLONG)
                     continue
                 if stat.S_ISDIR(st.st_mode):
                     tree.entries[rel] = entry_from_stat(rel, st)

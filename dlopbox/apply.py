@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .download import Downloader, FileVersion, StaleContent, TransferError
+from .download import Downloader, FileVersion, StaleContent
 from .events import Event, Op
 from .paths import resolve
 
@@ -113,10 +113,7 @@ class Applier:
                 log.debug("seq %s %s: %s; no newer event known yet, retrying within %.1fs", event.seq, event.path,
                           exc, delay)
                 await self.news(source, delay)
-            except TransferError as exc:
-                log.warning("seq %s %s: %s; retrying in %.1fs", event.seq, event.path, exc, delay)
-                await asyncio.sleep(delay)
-            delay = min(delay * 2, MAX_BACKOFF)
+                delay = min(delay * 2, MAX_BACKOFF)
 
     async def move(self, event: Event, *, resync: bool = False) -> Outcome:
         assert event.dest is not None

@@ -29,6 +29,7 @@ log = logging.getLogger("dlopbox.client")
 
 EMPTY_DIGEST = hashlib.sha256(b"").hexdigest()
 _TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60)
+MAX_BACKOFF = 5.0
 
 
 class StaleContent(Exception):
@@ -36,7 +37,7 @@ class StaleContent(Exception):
 
 
 class TransferError(Exception):
-    """The transfer itself failed (connection, 5xx, truncated body): worth retrying as is."""
+    """The transfer itself failed (connection, 5xx, truncated body): retried as is, with backoff."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +71,11 @@ class Downloader:
         return yarl.URL(self.files_url + url_path(path), encoded=True)
 
     async def install(self, source: str, final: Path, version: FileVersion) -> None:
-        """Download ``source`` (a relative path on the master) and install it at ``final``."""
+        """Download ``source`` (a relative path on the master) and install it at ``final``.
+
+        Raises :class:`StaleContent` when nginx does not have these bytes; transfer failures
+        are retried until they succeed (or the task is cancelled).
+        """
         if version.size == 0 and version.digest == EMPTY_DIGEST:
             await asyncio.to_thread(_install_bytes, final, version)
             self.counters.files += 1
@@ -78,7 +83,17 @@ class Downloader:
         if await asyncio.to_thread(_already_there, final, version):
             return
         async with self.slots:
-            await self._download(source, final, version)
+            # Retried while holding the slot: when nginx is down, only `downloads` requests are
+            # in the air at a time, however many files wait.
+            delay = 0.2
+            while True:
+                try:
+                    await self._download(source, final, version)
+                    break
+                except TransferError as exc:
+                    log.warning("%s; retrying in %.1fs", exc, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, MAX_BACKOFF)
         self.counters.files += 1
 
     async def _download(self, source: str, final: Path, version: FileVersion) -> None:

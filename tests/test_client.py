@@ -366,3 +366,21 @@ async def test_progress_bar_on_a_terminal_and_log_lines_otherwise(caplog):
             await asyncio.sleep(0.35)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("catching up")]
     assert len(lines) >= 3 and "5/10 files" in lines[-1]
+
+
+async def test_downloads_wait_for_nginx_to_come_back(upstream: FakeMaster, make_settings, client_queues, shared_dir,
+                                                     tmp_path, nginx):
+    m = upstream
+    slave = tmp_path / "slave"
+    async with running(make_settings(client_queues[0], slave)):
+        await wait_synced(slave)
+        await asyncio.to_thread(nginx.stop)
+        try:
+            await m.publish(*[m.write(f"f{i}", os.urandom(1000)) for i in range(20)])
+            await asyncio.sleep(2)
+            assert not (slave / "f0").exists()
+            assert load_state(slave).seq == 0, "nothing acknowledged while it cannot be applied"
+        finally:
+            await asyncio.to_thread(nginx.start)
+        await wait_equal(shared_dir, slave, timeout=60)
+        await wait_progress(m.interface, client_queues[0], m.interface.head)

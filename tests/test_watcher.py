@@ -96,7 +96,9 @@ async def wait_quiet(receiver: Receiver, quiet: float = 0.4) -> None:
 
 
 @contextlib.asynccontextmanager
-async def watching(root: Path, receiver: Receiver, **overrides: Any) -> AsyncIterator[Watcher]:
+async def watching(root: Path, receiver: Receiver, on_inotify: Callable[[], object] | None = None,
+                   **overrides: Any) -> AsyncIterator[Watcher]:
+    """A running watcher; ``on_inotify`` is called as soon as its inotify instance exists."""
     settings = WatcherSettings(root=root, interface_url=receiver.url, token=receiver.token,
                                **{"batch_ms": 20.0, **overrides})
     stop = asyncio.Event()
@@ -109,6 +111,9 @@ async def watching(root: Path, receiver: Receiver, **overrides: Any) -> AsyncIte
             watcher = Watcher(settings, session)
             task = asyncio.create_task(watcher.run(stop))
             try:
+                if on_inotify is not None:
+                    await wait_until(lambda: hasattr(watcher, "_inotify") or task.done(), 30, "inotify")
+                    on_inotify()
                 await wait_until(lambda: watcher.ready.is_set() or task.done(), 60, "the watcher to start")
                 if task.done():
                     task.result()
@@ -456,14 +461,17 @@ def _set_max_queued_events(value: int) -> bool:
 
 
 async def test_a_kernel_queue_overflow_ends_with_the_receivers_tree_equal_to_the_disk(root: Path, receiver: Receiver):
+    # The limit is read when an inotify instance is made, and it is global: lower it for as short
+    # a time as possible.
     original = int(MAX_QUEUED_EVENTS.read_text())
     lowered = _set_max_queued_events(16)
     try:
-        context = watching(root, receiver)
-        watcher = await context.__aenter__()  # the watcher's inotify instance takes the lowered limit
+        context = watching(root, receiver, on_inotify=lambda: _set_max_queued_events(original))
+        watcher = await context.__aenter__()
     finally:
         if lowered:
             _set_max_queued_events(original)
+    assert int(MAX_QUEUED_EVENTS.read_text()) == original
     try:
         (root / "d").mkdir()
         for i in range(50):

@@ -136,16 +136,18 @@ class Downloader:
                 await writing
                 writing = None
             if pending:
-                await loop.run_in_executor(None, sink.write, b"".join(pending))
+                writing = loop.run_in_executor(None, sink.write, b"".join(pending))
+                await writing
             if sink.size != version.size:
                 raise StaleContent(f"{source!r}: {sink.size} bytes received, {version.size} expected")
             if sink.hexdigest() != version.digest:
                 raise StaleContent(f"{source!r}: digest {sink.hexdigest()[:12]}... differs from the event's "
                                    f"{version.digest[:12]}...")
-            await asyncio.to_thread(sink.install, version)
+            writing = loop.run_in_executor(None, sink.install, version)
+            await writing
         finally:
             if writing is not None and not writing.done():
-                # The thread may still be writing to the descriptor: never close it under its feet.
+                # The thread may still be using the descriptor: never close it under its feet.
                 await asyncio.wait([writing])
             if not sink.installed:
                 await asyncio.to_thread(sink.discard)

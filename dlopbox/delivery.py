@@ -208,8 +208,8 @@ class Delivery:
             else:
                 self._window = self.batch_s
             self._timer = loop.call_later(self._window, self._on_timer)
-        if self.buffered > self.buffer_max:
-            self._drop_buffer()
+        if self.buffered > self.buffer_max and self.failing:
+            self._drop_buffer()  # while the interface answers, room() holds the watcher back instead
 
     def flush_soon(self) -> None:
         """Send what is open without waiting for the batch window (shutdown)."""

@@ -205,3 +205,19 @@ async def test_a_400_drops_only_the_event_it_names(receiver: Receiver):
             assert [e.path for e in receiver.events()] == ["one", "three"]
         finally:
             sender.cancel()
+
+
+async def test_a_small_buffer_holds_the_watcher_back_while_the_interface_answers(receiver: Receiver):
+    async with aiohttp.ClientSession() as session:
+        delivery = Delivery(session, receiver.url, receiver.token, batch_ms=5, batch_max=10, buffer_max=20)
+        sender = asyncio.create_task(delivery.run())
+        try:
+            for i in range(0, 400, 2):
+                await delivery.room()
+                delivery.add(write(f"f{i}"), created=True)  # an item may emit two events after one room()
+                delivery.add(write(f"f{i + 1}"), created=True)
+                assert not delivery.lost
+            await asyncio.wait_for(delivery.wait_idle(), 30)
+            assert [e.path for e in receiver.events()] == [f"f{i}" for i in range(400)]
+        finally:
+            sender.cancel()

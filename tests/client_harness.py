@@ -189,3 +189,41 @@ class FinalNameSampler(threading.Thread):
                     self.hashed += 1
                     if digest not in self.versions:
                         self.bad.append(f"digest {digest}")
+
+
+class TreeSampler(threading.Thread):
+    """Walks a slave over and over while it syncs: every file under its final name must be complete.
+
+    ``expected`` maps each relative path to its (size, sha256); a file seen with anything else,
+    or a path not expected at all, is recorded in ``bad``. Temp files are skipped: they are the
+    only place where partial content may live.
+    """
+
+    def __init__(self, root: Path, expected: dict[str, tuple[int, str]]) -> None:
+        super().__init__(daemon=True)
+        self.root = root
+        self.expected = expected
+        self.stop = threading.Event()
+        self.walks = 0
+        self.files_checked = 0
+        self.bad: list[str] = []
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            for dirpath, dirs, files in os.walk(self.root):
+                if Path(dirpath) == self.root and STATE_DIR in dirs:
+                    dirs.remove(STATE_DIR)
+                for name in files:
+                    if name.startswith(TEMP_PREFIX):
+                        continue
+                    path = os.path.join(dirpath, name)
+                    rel = os.path.relpath(path, self.root)
+                    try:
+                        with open(path, "rb") as f:
+                            got = (os.fstat(f.fileno()).st_size, hashlib.file_digest(f, "sha256").hexdigest())
+                    except FileNotFoundError:
+                        continue
+                    self.files_checked += 1
+                    if self.expected.get(rel) != got:
+                        self.bad.append(f"{rel}: {got}")
+            self.walks += 1

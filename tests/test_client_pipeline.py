@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import time
 from pathlib import Path
 
 import aio_pika
@@ -20,7 +19,9 @@ from pymongo import AsyncMongoClient
 
 from dlopbox import broker
 from dlopbox.state import load_state
-from tests.client_harness import BIG, RSS_LIMIT_KIB, FinalNameSampler, leftovers, temp_files, until, wait_equal, write_big
+from dlopbox.tree import scan
+from tests.client_harness import (BIG, RSS_LIMIT_KIB, FinalNameSampler, TreeSampler, leftovers, temp_files, until,
+                                  wait_equal, write_big)
 from tests.pipeline_harness import Pipeline
 
 
@@ -147,12 +148,21 @@ async def test_client_started_after_1000_files_exist(pipeline: Pipeline):
         d = p.master / f"dir{i % 10}"
         d.mkdir(exist_ok=True)
         (d / f"file{i}.txt").write_bytes(os.urandom(64 + i))
+    master = scan(p.master)
+    expected = {e.path: (e.size, e.digest) for e in master.entries.values() if not e.is_dir}
+    samplers = [TreeSampler(s, expected) for s in p.slaves]
+    for s in samplers:
+        s.start()
     p.clients[0].start()
     await synced(p, 0)
     await wait_equal(p.master, p.slaves[0], timeout=120)
     for c in p.clients[1:]:
         c.start()
     await converged(p, "late clients bootstrap 1,000 files", timeout=120)
+    for s in samplers:
+        s.stop.set()
+        s.join()
+        assert s.bad == [] and s.walks > 1 and s.files_checked > 1000, (s.bad[:5], s.walks, s.files_checked)
 
 
 async def test_client_stopped_while_1000_changes_happen_then_restarted(pipeline: Pipeline):

@@ -228,7 +228,7 @@ up() {
     # Fewer clients than last time: remove the extra ones.
     local name
     for name in $(docker ps -a --filter "label=$label" --filter label=org.dlopbox.service=client --format '{{.Names}}'); do
-        if [ "${name##*-}" -gt "$clients" ]; then run docker stop "$name" >/dev/null; run docker rm "$name" >/dev/null; fi
+        if [ "${name##*-}" -gt "$clients" ]; then run docker stop "$name" >/dev/null; run docker rm -v "$name" >/dev/null; fi
     done
     status
 }
@@ -244,7 +244,8 @@ down() {
         done
         [ ${#names[@]} -gt 0 ] || continue
         run docker stop "${names[@]}" >/dev/null
-        run docker rm "${names[@]}" >/dev/null
+        # -v: with the containers' anonymous volumes (the official mongo's /data/configdb).
+        run docker rm -v "${names[@]}" >/dev/null
     done
     docker network inspect "$net" >/dev/null 2>&1 && run docker network rm "$net" >/dev/null
     if [ "${1:-}" = --volumes ]; then

@@ -66,7 +66,8 @@ class Progress:
     def __exit__(self, *exc: object) -> None:
         if self._task is not None:
             self._task.cancel()
-        self._show()
+        if self.total_files or self.counters.files != self.base_files:
+            self._show()
         if self.tty:
             self.stream.write("\n")
             self.stream.flush()

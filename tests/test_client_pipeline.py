@@ -139,6 +139,12 @@ async def test_200_mib_file_reaches_three_slaves_in_bounded_memory_never_partial
         assert s.bad == [] and s.samples > 0
     assert all(k < RSS_LIMIT_KIB for k in peaks), peaks
 
+    # Renamed on the master, renamed on each slave: the same inode, not a second download.
+    inodes = [os.stat(s / "big.bin").st_ino for s in p.slaves]
+    os.rename(p.master / "big.bin", p.master / "renamed.bin")
+    await converged(p, "renaming the 200 MiB file", timeout=60)
+    assert [os.stat(s / "renamed.bin").st_ino for s in p.slaves] == inodes
+
 
 async def test_client_started_after_1000_files_exist(pipeline: Pipeline):
     p = pipeline
@@ -237,3 +243,24 @@ async def test_hostile_events_straight_to_a_client_queue_are_refused(pipeline: P
     await converged(p, "hostile events")
     assert not Path("/etc/x").exists() and not Path("/etc/x-absolute").exists()
     assert not (p.workdir / "etc").exists() and not (p.workdir.parent / "x").exists()
+
+
+async def test_churn_rewrites_renames_and_deletes_while_downloading(pipeline: Pipeline):
+    p = pipeline
+    m = p.master
+    p.start()
+    await synced(p)
+    (m / "churn").mkdir()
+    for round in range(8):
+        for i in range(25):
+            (m / f"churn/{i}.bin").write_bytes(os.urandom(20_000 + 1000 * round + i))
+        if round % 3 == 1:
+            os.rename(m / "churn", m / "churn-tmp")
+            os.rename(m / "churn-tmp", m / "churn")
+        if round % 2 == 0:
+            os.unlink(m / f"churn/{round}.bin")
+        await asyncio.sleep(0.01)
+    await asyncio.to_thread(write_big, m / "churn/big.bin", 30 * 1024 * 1024, b"one")
+    await asyncio.to_thread(write_big, m / "churn/big.bin", 30 * 1024 * 1024, b"two")
+    os.rename(m / "churn/big.bin", m / "big-final.bin")
+    await converged(p, "churn", timeout=120)

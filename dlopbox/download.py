@@ -100,10 +100,11 @@ class Downloader:
         try:
             async with self.session.get(self.url(source), headers={"Accept-Encoding": "identity"},
                                         timeout=_TIMEOUT) as response:
-                if response.status in (403, 404, 410):
-                    raise StaleContent(f"{source!r}: nginx answered {response.status}")
-                if response.status != 200:
+                if response.status >= 500 or response.status in (408, 429):
                     raise TransferError(f"{source!r}: nginx answered {response.status}")
+                if response.status != 200:
+                    # 404 mostly (the master moved on); 403 or 414 would not change on a retry either.
+                    raise StaleContent(f"{source!r}: nginx answered {response.status}")
                 if response.content_length is not None and response.content_length != version.size:
                     raise StaleContent(f"{source!r}: {response.content_length} bytes served, {version.size} expected")
                 await self._stream_into(response, source, final, version)

@@ -384,3 +384,17 @@ async def test_downloads_wait_for_nginx_to_come_back(upstream: FakeMaster, make_
             await asyncio.to_thread(nginx.start)
         await wait_equal(shared_dir, slave, timeout=60)
         await wait_progress(m.interface, client_queues[0], m.interface.head)
+
+
+async def test_the_longest_paths_sync(upstream: FakeMaster, make_settings, client_queues, shared_dir, tmp_path):
+    m = upstream
+    slave = tmp_path / "slave"
+    parts = ["é" * 125] * 16  # 16 components of 250 bytes: a 4015-byte path, ~12 KB once percent-encoded
+    events = [m.mkdir("/".join(parts[:i])) for i in range(1, 16)]
+    deep = "/".join(parts)
+    assert len(deep.encode()) == 4015
+    events.append(m.write(deep, b"at the bottom"))
+    async with running(make_settings(client_queues[0], slave)):
+        await wait_synced(slave)
+        await m.publish(*events)
+        await wait_equal(shared_dir, slave)

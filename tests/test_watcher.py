@@ -374,7 +374,8 @@ async def test_ten_thousand_files_in_a_burst_arrive_in_few_requests_none_missing
         assert sorted(writes) == names  # each exactly once
         requests = receiver.posts - posts
         assert receiver.duplicates == 0
-        assert requests <= 100
+        # Batches close 100 ms apart at most while a burst lasts: a slow writer makes more of them.
+        assert requests <= 20 + 12 * (arrived - started)
         print(f"\n10,000 files: created in {created - started:.2f} s, all at the receiver after "
               f"{arrived - started:.2f} s, in {requests} requests")
 

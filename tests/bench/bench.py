@@ -227,7 +227,7 @@ async def bench(kinds: list[str], scaling: list[int], main_clients: int, workdir
             cls = DlopboxMirror if kind == "dlopbox" else LsyncdMirror
             mirror = cls(workdir / f"{kind}-{clients}", clients)
             print(f"== {kind} with {clients} slave(s)", flush=True)
-            mirror.start()
+            await asyncio.to_thread(mirror.start)  # blocking probes, some of which run their own loop
             try:
                 lat = await w1(mirror)
                 put(f"W1 latency, {clients} slave(s)", "p50", "ms", kind, statistics.median(lat),
@@ -249,7 +249,7 @@ async def bench(kinds: list[str], scaling: list[int], main_clients: int, workdir
                     put("W5 rename dir of 100 + delete 100", "time to converge", "s", kind, seconds, "≤ lsyncd")
                     put("W5 rename dir of 100 + delete 100", "partial files seen", "files", kind, bad, "0")
             finally:
-                mirror.stop()
+                await asyncio.to_thread(mirror.stop)
     return list(measures.values())
 
 

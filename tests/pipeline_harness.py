@@ -67,9 +67,6 @@ class WatcherProcess(_Process):
     def ready(self) -> bool:
         return "watching" in self.log_path.read_text(errors="replace")
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
 
 class Pipeline:
     """Start and stop the system's processes; every slave is compared with ``master``."""
@@ -106,6 +103,8 @@ class Pipeline:
         self.interface.stop()
 
     def logs(self) -> str:
-        parts = [f"--- watcher\n{self.watcher.log()[-4000:]}", f"--- interface\n{self.interface.log_path.read_text(errors='replace')[-4000:]}"]
-        parts += [f"--- client{i}\n{c.log()[-4000:]}" for i, c in enumerate(self.clients) if c.log_path.exists()]
-        return "\n".join(parts)
+        """The tail of every process's log, for a failing test's report."""
+        paths = {"watcher": self.watcher.log_path, "interface": self.interface.log_path,
+                 **{f"client{i}": c.log_path for i, c in enumerate(self.clients)}}
+        return "\n".join(f"--- {name}\n{path.read_text(errors='replace')[-4000:]}"
+                         for name, path in paths.items() if path.exists())

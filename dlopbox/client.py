@@ -29,7 +29,7 @@ from .events import Batch, Event, EventError, Op
 from .paths import UnsafePathError, is_within
 from .resync import Resync, ResyncFailed
 from .schedule import Job, PathScheduler
-from .settings import ClientSettings
+from .settings import ClientSettings, SettingsError
 from .state import ClientState, load_state, remove_temp_files, save_state
 
 log = logging.getLogger("dlopbox.client")
@@ -54,7 +54,10 @@ class Client:
     def __init__(self, settings: ClientSettings) -> None:
         self.settings = settings
         self.target = Path(settings.target).absolute()
-        self.queue_name = broker.queue_name(settings.client_id)
+        try:
+            self.queue_name = broker.queue_name(settings.client_id)
+        except ValueError as exc:
+            raise SettingsError(f"DLOPBOX_CLIENT_ID: {exc}") from None
         self.scheduler = PathScheduler()
         self.applied = 0  # every seq <= applied is reflected in the target
         self.dispatched = 0  # every seq <= dispatched is in the scheduler, applied, or covered by a manifest

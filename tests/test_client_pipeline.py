@@ -7,6 +7,7 @@ against the master's, byte for byte (paths, types, sizes, SHA-256, modes, file m
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ from pathlib import Path
 import aio_pika
 import pytest
 
-from dlopbox import broker
+from dlopbox import broker, tools
 from dlopbox.state import load_state
 from dlopbox.tree import scan
 from tests.client_harness import (BIG, RSS_LIMIT_KIB, FinalNameSampler, TreeSampler, leftovers, temp_files, until,
@@ -98,6 +99,26 @@ async def test_every_operation_reaches_three_slaves(pipeline: Pipeline, tmp_path
         await converged(p, name)
     for slave in p.slaves:
         assert leftovers(slave) == []
+
+    # The operators' tools agree, against the real interface.
+    for i, slave in enumerate(p.slaves):
+        out = io.StringIO()
+        assert await tools.verify(p.client_settings(i), out) == 0, out.getvalue()
+    (p.slaves[0] / "stray").write_bytes(b"not on the master")
+    out = io.StringIO()
+    assert await tools.verify(p.client_settings(0), out) == 1
+    assert "extra     stray" in out.getvalue()
+    head = load_state(p.slaves[1]).seq
+
+    async def everyone_reported() -> bool:
+        out = io.StringIO()
+        assert await tools.status(p.client_settings(0), out) == 0
+        rows = [line.split() for line in out.getvalue().splitlines()[1:-1]]
+        return sorted(r[0] for r in rows) == sorted(p.client_ids) and all(r[1:3] == [str(head), "0"] for r in rows)
+    deadline = asyncio.get_running_loop().time() + 30
+    while not await everyone_reported():
+        assert asyncio.get_running_loop().time() < deadline, "status never showed every client caught up"
+        await asyncio.sleep(0.5)
 
 
 def _append(path: Path, data: bytes) -> None:

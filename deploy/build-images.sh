@@ -60,7 +60,7 @@ while [ $# -gt 0 ]; do
     shift
 done
 
-log() { printf '==> %s\n' "$*" >&2; }
+log() { printf '==> [%3ds] %s\n' "$SECONDS" "$*" >&2; }
 die() { printf 'build-images.sh: %s\n' "$*" >&2; exit 1; }
 sha() { sha256sum | cut -c1-16; }
 
@@ -111,6 +111,9 @@ case $mode in
 esac
 log "building the $mode images"
 mkdir -p "$cache"
+# One build at a time: concurrent test sessions share the cache and the tags.
+exec 9>"$cache/.lock"
+flock 9
 
 # ---------------------------------------------------------------- wheels on the host
 # pip downloads for the image's platform, not the host's: any python3 with pip works.
@@ -125,8 +128,8 @@ fresh_dir() { rm -rf "$1" && mkdir -p "$1"; }
 
 # ---------------------------------------------------------------- Debian root filesystems
 # One mmdebstrap run per image, from the apt sources this machine is configured with
-# (no mirror's name is written anywhere in the repo). Downloaded .debs are kept in
-# the cache and synced into each run, so later runs download only what changed.
+# (no mirror's name is written anywhere in the repo). The runs go in parallel; each
+# keeps its downloaded .debs in the cache, so later runs download only what changed.
 apt_sources() {
     if [ -n "${DLOPBOX_APT_SOURCES:-}" ]; then
         echo "$DLOPBOX_APT_SOURCES"; return
@@ -139,35 +142,70 @@ apt_sources() {
     echo "${DLOPBOX_APT_MIRROR:-}"
 }
 
-rootfs() {  # image-tag "packages,comma,separated"
-    local tag=$1 packages=$2 sources recipe hash tarball
+rootfs_recipe=(--variant=minbase --aptopt='APT::Install-Recommends "false"'
+               --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/info/*'
+               --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-include=/usr/share/doc/*/copyright'
+               --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-include=/usr/share/locale/locale.alias')
+
+rootfs_hash() {  # packages
+    local sources
     sources=$(apt_sources)
-    recipe=(--variant=minbase --include="$packages" --aptopt='APT::Install-Recommends "false"'
-            --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/info/*'
-            --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-include=/usr/share/doc/*/copyright'
-            --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-include=/usr/share/locale/locale.alias')
-    hash=$( { echo "rootfs-v1 $suite $arch"; printf '%s\n' "${recipe[@]}";
-              if [ -f "$sources" ]; then cat "$sources"; else echo "$sources"; fi; } | sha)
-    if up_to_date "$tag" "$hash"; then
-        log "$tag is up to date"; return
-    fi
-    tarball=$cache/rootfs/${tag//[\/:]/-}-$hash.tar
-    if [ ! -s "$tarball" ] || [ "$force" = 1 ]; then
-        command -v mmdebstrap >/dev/null || die "mmdebstrap is missing: apt-get install mmdebstrap"
-        log "mmdebstrap $suite with $packages (from ${sources:-the default mirror of mmdebstrap})"
-        mkdir -p "$cache/rootfs" "$cache/debs"
-        rm -f "$cache/rootfs/${tag//[\/:]/-}-"*.tar
-        mmdebstrap --quiet --format=tar "${recipe[@]}" \
-            --setup-hook='mkdir -p "$1"/var/cache/apt/archives/' \
-            --setup-hook="sync-in $cache/debs /var/cache/apt/archives/" \
-            --customize-hook="sync-out /var/cache/apt/archives $cache/debs" \
-            "$suite" "$tarball.part" ${sources:+"$sources"}
-        mv "$tarball.part" "$tarball"
-    fi
-    log "docker import $tarball as $tag"
-    docker import --change "LABEL org.dlopbox.inputs=$hash" \
-        --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8' \
-        --change 'CMD ["bash"]' "$tarball" "$tag" >/dev/null
+    { echo "rootfs-v1 $suite $arch $1"; printf '%s\n' "${rootfs_recipe[@]}";
+      if [ -f "$sources" ]; then cat "$sources"; else echo "$sources"; fi; } | sha
+}
+
+rootfs_tarball() {  # tag packages
+    echo "$cache/rootfs/${1//[\/:]/-}-$(rootfs_hash "$2").tar"
+}
+
+mmdebstrap_rootfs() {  # tag packages: write its tarball
+    local tag=$1 packages=$2 sources tarball name
+    sources=$(apt_sources)
+    tarball=$(rootfs_tarball "$tag" "$packages")
+    name=${tag//[\/:]/-}
+    mkdir -p "$cache/rootfs" "$cache/debs/$name"
+    rm -f "$cache/rootfs/$name-"*.tar
+    mmdebstrap --quiet --format=tar --include="$packages" "${rootfs_recipe[@]}" \
+        --setup-hook='mkdir -p "$1"/var/cache/apt/archives/' \
+        --setup-hook="sync-in $cache/debs/$name /var/cache/apt/archives/" \
+        --customize-hook="sync-out /var/cache/apt/archives $cache/debs/$name" \
+        "$suite" "$tarball.part" ${sources:+"$sources"}
+    mv "$tarball.part" "$tarball"
+}
+
+rootfs_images() {  # tag=packages...: each image up to date, from a cached or a new tarball
+    local spec tag packages sources failed=0
+    local -A jobs=()
+    for spec in "$@"; do
+        tag=${spec%%=*} packages=${spec#*=}
+        if up_to_date "$tag" "$(rootfs_hash "$packages")"; then
+            continue
+        elif [ ! -s "$(rootfs_tarball "$tag" "$packages")" ] || [ "$force" = 1 ]; then
+            command -v mmdebstrap >/dev/null || die "mmdebstrap is missing: apt-get install mmdebstrap"
+            sources=$(apt_sources)
+            log "mmdebstrap $suite with $packages, in the background (from ${sources:-the default mirror of mmdebstrap})"
+            mkdir -p "$cache/rootfs"
+            mmdebstrap_rootfs "$tag" "$packages" > "$cache/rootfs/${tag//[\/:]/-}.log" 2>&1 &
+            jobs[$tag]=$!
+        fi
+    done
+    for tag in "${!jobs[@]}"; do
+        if ! wait "${jobs[$tag]}"; then
+            cat "$cache/rootfs/${tag//[\/:]/-}.log" >&2
+            failed=1
+        fi
+    done
+    [ "$failed" = 0 ] || die "mmdebstrap failed"
+    for spec in "$@"; do
+        tag=${spec%%=*} packages=${spec#*=}
+        if up_to_date "$tag" "$(rootfs_hash "$packages")"; then
+            log "$tag is up to date"; continue
+        fi
+        log "docker import $(rootfs_tarball "$tag" "$packages") as $tag"
+        docker import --change "LABEL org.dlopbox.inputs=$(rootfs_hash "$packages")" \
+            --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8' \
+            --change 'CMD ["bash"]' "$(rootfs_tarball "$tag" "$packages")" "$tag" >/dev/null
+    done
 }
 
 # ---------------------------------------------------------------- docker build with a hash
@@ -185,9 +223,9 @@ build() {  # tag hash context dockerfile [build-arg...]; the first tag gets the 
 
 # ---------------------------------------------------------------- the local stand-ins
 if [ "$mode" = local ]; then
-    rootfs "$local_base" python3,python3-venv,netbase,procps
-    rootfs dlopbox/rootfs-nginx:$suite nginx,gettext-base,curl,netbase,procps
-    rootfs dlopbox/rootfs-rabbitmq:$suite rabbitmq-server,netbase,procps
+    rootfs_images "$local_base=python3,python3-venv,netbase,procps" \
+                  "dlopbox/rootfs-nginx:$suite=nginx,gettext-base,curl,netbase,procps" \
+                  "dlopbox/rootfs-rabbitmq:$suite=rabbitmq-server,netbase,procps"
 
     for name in nginx rabbitmq; do
         tag_var=local_$name

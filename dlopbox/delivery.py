@@ -4,8 +4,10 @@ Events arrive one by one from the watcher, already in order. :class:`OpenBatch` 
 ones that cancel or supersede each other while the batch is open (50 writes of one file are
 one write; a file created and deleted is nothing). :class:`Delivery` closes a batch
 ``batch_ms`` after its first event — or at once at ``batch_max`` events — and POSTs the
-batches one at a time over one kept-alive session, so they are logged in the order they were
-made. While events keep coming (a batch starts right after the previous one closed) the
+batches in order over kept-alive connections: the next batch is posted once the interface's
+200 status line for the previous one has arrived — it is then numbered and published, so
+durable — while the body, sent once that batch is in the MongoDB log, is read in the
+background (at most MAX_IN_FLIGHT batches at a time). While events keep coming (a batch starts right after the previous one closed) the
 window doubles, up to BURST_WINDOW_MAX_S, so a burst goes out in few large batches while a
 lone change still leaves after ``batch_ms``. A failed POST is retried with the same
 ``batch_id`` (the interface applies it once), with backoff, for as long as it takes;
@@ -43,6 +45,9 @@ MANIFEST_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=6
 FAILURE_LOG_EVERY_S = 10.0
 #: The longest a batch stays open while a burst lasts.
 BURST_WINDOW_MAX_S = 0.1
+#: Batches published whose reply body (sent once logged) is still awaited; the watcher's
+#: session keeps one more connection for GET /manifest.
+MAX_IN_FLIGHT = 3
 
 
 class OpenBatch:
@@ -171,7 +176,9 @@ class Delivery:
         self._open = OpenBatch()
         self._sealed: deque[Batch] = deque()
         self._sealed_events = 0
-        self._in_flight: Batch | None = None
+        self._in_flight: list[Batch] = []
+        self._in_flight_events = 0
+        self._slot = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
         self._due = False
         self._window = self.batch_s
@@ -186,8 +193,7 @@ class Delivery:
     @property
     def buffered(self) -> int:
         """Events accepted and not yet acknowledged by the interface."""
-        in_flight = len(self._in_flight.events) if self._in_flight is not None else 0
-        return len(self._open) + self._sealed_events + in_flight
+        return len(self._open) + self._sealed_events + self._in_flight_events
 
     @property
     def failing(self) -> bool:
@@ -234,15 +240,43 @@ class Delivery:
         await self._idle.wait()
 
     async def run(self) -> None:
-        """The sender: POST sealed batches in order, forever."""
-        while True:
-            batch = await self._next_batch()
-            self._in_flight = batch
-            try:
-                await self._post(batch)
-            finally:
-                self._in_flight = None
-                self._progress.set()
+        """The sender: POST sealed batches in order, forever; replies are read by tasks of their own."""
+        async with asyncio.TaskGroup() as replies:
+            while True:
+                while len(self._in_flight) >= MAX_IN_FLIGHT:
+                    self._slot.clear()
+                    await self._slot.wait()
+                batch = await self._next_batch()
+                self._in_flight.append(batch)
+                self._in_flight_events += len(batch.events)
+                response = None
+                try:
+                    response = await self._post(batch)
+                finally:
+                    if response is None:
+                        self._landed(batch)
+                if response is not None:
+                    replies.create_task(self._read_reply(batch, response))
+
+    async def _read_reply(self, batch: Batch, response: aiohttp.ClientResponse) -> None:
+        """The body of a 200: it comes once the batch is logged (the batch is durable already)."""
+        try:
+            await response.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            log.warning("batch %s was published, but its reply was cut short (%s: %s); the interface's "
+                        "journal logs it", batch.batch_id, type(exc).__name__, exc)
+        finally:
+            response.release()
+            self._landed(batch)
+
+    def _landed(self, batch: Batch) -> None:
+        """``batch`` needs nothing more from the sender."""
+        self._in_flight.remove(batch)
+        self._in_flight_events -= len(batch.events)
+        self._slot.set()
+        self._progress.set()
+        if not self._in_flight and not self._sealed and not len(self._open):
+            self._idle.set()
 
     async def _next_batch(self) -> Batch:
         while True:
@@ -256,7 +290,7 @@ class Delivery:
                     self._seal()
                     continue
                 self._open = OpenBatch()  # everything in it cancelled out
-            if not len(self._open):
+            if not len(self._open) and not self._in_flight:
                 self._idle.set()
             self._wake.clear()
             await self._wake.wait()
@@ -301,13 +335,16 @@ class Delivery:
         self._open = OpenBatch()
         self._sealed.clear()
         self._sealed_events = 0
-        if self._in_flight is None:
+        if not self._in_flight:
             self._idle.set()
         self._progress.set()
         self.on_lost()
 
-    async def _post(self, batch: Batch) -> None:
-        """POST one batch until the interface has it (or refuses it for good)."""
+    async def _post(self, batch: Batch) -> aiohttp.ClientResponse | None:
+        """POST one batch until the interface has it (or refuses it for good).
+
+        Returns the open response of a 200, whose body is still to be read, or None.
+        """
         url = self.base / "events"
         body = batch.to_json()
         headers = {**self.headers, "Content-Type": "application/json"}
@@ -316,33 +353,34 @@ class Delivery:
         while True:
             attempts += 1
             try:
-                async with self.session.post(url, data=body, headers=headers, timeout=REQUEST_TIMEOUT) as response:
-                    status = response.status
-                    text = await response.text(errors="replace")
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-                self._failed(f"POST /events failed: {type(exc).__name__}: {exc}")
-            else:
+                response = await self.session.post(url, data=body, headers=headers, timeout=REQUEST_TIMEOUT)
+                status = response.status
                 if status == 200:
                     self._succeeded(attempts)
                     self.requests += 1
                     self.events_sent += len(batch.events)
-                    return
+                    return response
+                async with response:
+                    text = await response.text(errors="replace")
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                self._failed(f"POST /events failed: {type(exc).__name__}: {exc}")
+            else:
                 if status == 413 and len(batch.events) > 1:
                     half = len(batch.events) // 2
                     log.warning("batch %s of %d events is too large for the interface; splitting it",
                                 batch.batch_id, len(batch.events))
                     self._enqueue(batch.events[half:], front=True)
                     self._enqueue(batch.events[:half], front=True)
-                    return
+                    return None
                 if status == 400:
                     self._refused(batch, text)
-                    return
+                    return None
                 if status >= 500 or status in RETRY_STATUSES:
                     self._failed(f"POST /events answered {status}: {text[:300]}")
                 else:
                     log.error("the interface refused batch %s of %d events for good (%d): %s", batch.batch_id,
                               len(batch.events), status, text[:1000])
-                    return
+                    return None
             await asyncio.sleep(delay)
             delay = min(delay * 2, BACKOFF_MAX_S)
 

@@ -2,9 +2,14 @@
 
 Every accepted batch gets gap-free seqs and is, concurrently, published to RabbitMQ
 (publisher confirm awaited) and written to the MongoDB log and tree state; the MongoDB
-transaction commits only after the confirm. One lock (the commit lock) serialises commits,
-so numbering order, publication order and log order agree; a second one (the log lock)
-serialises writes to the log, direct or from the journal, with manifest snapshots.
+transaction commits only after the confirm. One lock (the commit lock) serialises numbering
+and publication, so numbering order and publication order agree; it is released once the
+batch is confirmed, so the next batch is published while this one is still being logged.
+Direct log writes are chained (each starts after the previous one ended), so log order
+agrees too; a second lock (the log lock) serialises them with the journal keeper's writes
+and with manifest snapshots. POST /events sends its 200 status line and headers once the
+batch is published (durable in the client queues and the journal) and its body once the
+log write ended, so a watcher may send its next batch before this one is logged.
 
 When a backend fails:
 - RabbitMQ down: POST /events answers 503 before numbering anything. A batch whose publish
@@ -22,6 +27,7 @@ When a backend fails:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -123,6 +129,8 @@ class Ingest:
         self.exchange: AbstractExchange | None = None
         self.journal: AbstractQueue | None = None
         self._task: asyncio.Task[None] | None = None
+        #: The direct log write of the batch published last; the next one starts after it ends.
+        self._log_tail: asyncio.Future[bool] | None = None
         self._closing = False
 
     # -- lifetime ----------------------------------------------------------------------------
@@ -142,6 +150,12 @@ class Ingest:
                 pass
             except (PyMongoError, *AMQP_ERRORS) as exc:
                 log.info("backend task ended while closing: %s: %s", type(exc).__name__, exc)
+        tail = self._log_tail
+        if tail is not None and not tail.done():
+            # Handlers await their own writes; this only bounds a write nobody waits for any more.
+            await asyncio.wait([tail], timeout=2 * self.settings.backend_timeout)
+            tail.cancel()
+            await asyncio.gather(tail, return_exceptions=True)
         await self._close_amqp()
         await self.log.close()
 
@@ -233,7 +247,16 @@ class Ingest:
         return self.next_seq - 1
 
     async def commit(self, batch: Batch) -> Committed:
-        """Number and fan out one batch; raise :class:`Unavailable` if it is not durable yet."""
+        """Number, publish and log one batch (see :meth:`accept`); ``logged`` once its write ended."""
+        accepted, logged = await self.accept(batch)
+        return dataclasses.replace(accepted, logged=await asyncio.shield(logged))
+
+    async def accept(self, batch: Batch) -> tuple[Committed, asyncio.Future[bool]]:
+        """Number and publish one batch; raise :class:`Unavailable` if it is not durable yet.
+
+        Returns once RabbitMQ has confirmed it, with the future of its log write (True once
+        the batch is in the log): the commit lock is not held while that write commits.
+        """
         if not self.ready.is_set():
             raise Unavailable("starting: waiting for MongoDB and RabbitMQ")
         async with self.lock:
@@ -242,7 +265,8 @@ class Ingest:
             known = self.known.get(batch.batch_id)
             if known is not None:
                 self.metrics.replays.inc()
-                return Committed(batch.batch_id, *known, logged=known[1] <= self.logged_through)
+                return (Committed(batch.batch_id, *known, logged=known[1] <= self.logged_through),
+                        asyncio.ensure_future(self._logged_after_tail(known[1])))
             if not self.rabbit_up():
                 raise Unavailable("RabbitMQ is unreachable")
             numbered = batch.numbered(self.next_seq)
@@ -252,36 +276,75 @@ class Ingest:
             self.metrics.batches.inc()
             self.metrics.events.inc(len(numbered.events))
             self.pending = Pending(numbered)
-            await self._complete(self.pending)
-            return Committed(batch.batch_id, first, last, logged=last <= self.logged_through)
+            logged = await self._complete(self.pending)
+            return Committed(batch.batch_id, first, last, logged=last <= self.logged_through), logged
 
-    async def _complete(self, pending: Pending) -> None:
-        """Publish and log a numbered batch concurrently; raise Unavailable until it is published.
+    async def _logged_after_tail(self, last: int) -> bool:
+        tail = self._log_tail
+        if tail is not None:
+            await asyncio.wait([tail])
+        return last <= self.logged_through
+
+    async def _complete(self, pending: Pending) -> asyncio.Future[bool]:
+        """Publish a numbered batch and start its log write; raise Unavailable until it is published.
 
         The MongoDB transaction stages its writes while the publish is in flight and commits
         only once RabbitMQ has confirmed, so a batch that was not published is not logged
-        either: a 503 leaves nothing half-applied.
+        either: a 503 leaves nothing half-applied. Returns the log write's future.
         """
         batch = pending.batch
         publish: asyncio.Future[bool] | None = None
         if not pending.published:
             publish = asyncio.ensure_future(self._try_publish(batch))
+        logged = self._log_in_turn(pending, publish)
         try:
-            if not pending.logged and not self.degraded:
-                pending.logged = await self._write_confirmed(batch, publish)
             if publish is not None:
                 pending.published = await publish
         finally:
             if publish is not None and not publish.done():
                 publish.cancel()
         if not pending.published:
+            await asyncio.wait([logged])  # its transaction aborts: nothing of the batch is in the log
             self._update_gauges()
             raise Unavailable("RabbitMQ did not confirm the batch; retry")
         self.pending = None
-        if not pending.logged and not self.degraded:
+        self._update_gauges()
+        return logged
+
+    def _log_in_turn(self, pending: Pending, publish: asyncio.Future[bool] | None) -> asyncio.Future[bool]:
+        """Start the batch's direct log write once the previous batch's write has ended."""
+        previous = self._log_tail
+        logged = asyncio.ensure_future(self._log_after(previous, pending, publish))
+        self._log_tail = logged
+        return logged
+
+    async def _log_after(self, previous: asyncio.Future[bool] | None, pending: Pending,
+                         publish: asyncio.Future[bool] | None) -> bool:
+        if previous is not None:
+            await asyncio.wait([previous])
+        batch = pending.batch
+        first, last = _seqs(batch)
+        if pending.logged or last <= self.logged_through:
+            pending.logged = True  # the journal keeper wrote it first
+            return True
+        if self.degraded:
+            return False  # the journal keeper writes it, in order
+        if first > self.logged_through + 1:
+            # An earlier batch is not in the log: writing this one would leave a gap.
+            self._degrade(first)
+            return False
+        pending.logged = await self._write_confirmed(batch, publish)
+        if not pending.logged and publish is not None:
+            await asyncio.wait([publish])
+        confirmed = publish is None or (publish.done() and not publish.cancelled() and publish.result())
+        if not pending.logged and confirmed:
+            self._degrade(first)
+        return pending.logged
+
+    def _degrade(self, first: int) -> None:
+        if not self.degraded:
             self.degraded = True
-            log.warning("MongoDB write failed: log-degraded from seq %d; the journal keeper will catch up",
-                        _seqs(batch)[0])
+            log.warning("MongoDB write failed: log-degraded from seq %d; the journal keeper will catch up", first)
         self._update_gauges()
 
     async def _write_confirmed(self, batch: Batch, publish: asyncio.Future[bool] | None) -> bool:
@@ -509,9 +572,15 @@ async def post_events(request: web.Request) -> web.Response:
     except EventError as exc:
         return web.json_response(exc.to_json(), status=400)
     started = time.perf_counter()
-    committed = await request.app[INGEST].commit(batch)
+    accepted, logged = await request.app[INGEST].accept(batch)
+    # Published, so durable: the status line goes out now, and the body once the log write ended.
+    response = web.StreamResponse(headers={"Content-Type": "application/json; charset=utf-8"})
+    await response.prepare(request)
+    committed = dataclasses.replace(accepted, logged=await asyncio.shield(logged))
+    await response.write(json.dumps(committed.to_json()).encode())
+    await response.write_eof()
     request.app[METRICS].commit_seconds.observe(time.perf_counter() - started)
-    return web.json_response(committed.to_json())
+    return response
 
 
 def _int_param(request: web.Request, name: str, default: int, minimum: int, maximum: int | None = None) -> int:

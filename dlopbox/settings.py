@@ -91,7 +91,7 @@ class WatcherSettings(_FromEnv):
     root: Path = setting(Path("/shared"), "DLOPBOX_ROOT", "The directory to watch (the master's target dir).")
     interface_url: str = _interface_url()
     token: str = setting("", "DLOPBOX_TOKEN", "Bearer token for POST /events (required).", secret=True)
-    batch_ms: float = setting(5.0, "DLOPBOX_BATCH_MS", "Flush a batch this many ms after its first event (the window grows to 100 ms while events keep coming).")
+    batch_ms: float = setting(1.0, "DLOPBOX_BATCH_MS", "Flush a batch this many ms after its first event (the window grows to 100 ms while events keep coming).")
     batch_max: int = setting(1000, "DLOPBOX_BATCH_MAX", "Flush a batch as soon as it holds this many events.")
     buffer_max: int = setting(100_000, "DLOPBOX_BUFFER_MAX", "Events held while the interface is unreachable; past it, a full reconcile replaces them.")
     ignore: tuple[str, ...] = setting(DEFAULT_IGNORE, "DLOPBOX_IGNORE", "Comma-separated glob patterns of names never synced (editor swap files...).")

@@ -131,13 +131,13 @@ class Downloader:
                     # Two-stage pipeline: the thread writes chunk N while chunk N+1 is received.
                     if writing is not None:
                         await writing
-                    writing = loop.run_in_executor(None, sink.write, b"".join(pending))
+                    writing = loop.run_in_executor(None, sink.write, pending)
                     pending, pending_size = [], 0
             if writing is not None:
                 await writing
                 writing = None
             if pending:
-                writing = loop.run_in_executor(None, sink.write, b"".join(pending))
+                writing = loop.run_in_executor(None, sink.write, pending)
                 await writing
             if sink.size != version.size:
                 raise StaleContent(f"{source!r}: {sink.size} bytes received, {version.size} expected")
@@ -166,14 +166,19 @@ class _TempFile:
         self.size = 0
         self.installed = False
 
-    def write(self, data: bytes) -> None:
+    def write(self, pieces: list[bytes]) -> None:
         assert self.fd is not None
-        self.hash.update(data)
-        view = memoryview(data)
-        while view:
-            written = os.write(self.fd, view)
-            view = view[written:]
-        self.size += len(data)
+        for piece in pieces:
+            self.hash.update(piece)
+        views = [memoryview(p) for p in pieces]
+        while views:
+            written = os.writev(self.fd, views)
+            self.size += written
+            while views and written >= len(views[0]):
+                written -= len(views[0])
+                views.pop(0)
+            if views and written:
+                views[0] = views[0][written:]
 
     def hexdigest(self) -> str:
         return self.hash.hexdigest()

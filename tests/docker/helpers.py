@@ -210,8 +210,10 @@ class DockerRun:
         env_file.write_text("".join(f"{k}={v}\n" for k, v in env.items()))
         self.env = {**env, "DLOPBOX_PROJECT": project, "DLOPBOX_ENV_FILE": str(env_file)}
 
-    def __call__(self, *args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-        return run(REPO / "docker-run.sh", *args, check=check, timeout=timeout, env={**clean_environ(), **self.env})
+    def __call__(self, *args: str, check: bool = True, timeout: float = 900,
+                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return run(REPO / "docker-run.sh", *args, check=check, timeout=timeout,
+                   env={**clean_environ(), **self.env, **(env or {})})
 
     def containers(self, service: str, running: bool = True) -> list[str]:
         args = ["docker", "ps", "--filter", f"label=org.dlopbox.project={self.project}",

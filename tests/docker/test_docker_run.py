@@ -60,7 +60,7 @@ def test_the_test_command_fails_when_a_client_does_not_follow(docker_run_system:
     network = f"{docker_run_system.project}-net"
     run("docker", "network", "disconnect", network, cut)
     try:
-        result = docker_run_system("test", check=False, timeout=120)
+        result = docker_run_system("test", check=False, timeout=120, env={"DLOPBOX_TEST_TIMEOUT": "5"})
         assert result.returncode != 0, result.stdout
     finally:
         run("docker", "network", "connect", network, cut)

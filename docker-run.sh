@@ -80,8 +80,6 @@ load_env() {
         fi
     done
     [ "$weak" = 0 ] || sleep 2
-    # compose.yaml's defaults: the official images.
-    : "${DLOPBOX_NGINX_IMAGE:=nginx:stable}" "${DLOPBOX_RABBITMQ_IMAGE:=rabbitmq:3-management}" "${DLOPBOX_MONGO_IMAGE:=mongo:7}"
 }
 
 env_file=${DLOPBOX_ENV_FILE:-.env}
@@ -107,9 +105,15 @@ build() {
     chmod 600 "$env_file.new" && mv "$env_file.new" "$env_file"
 }
 
+# compose.yaml's defaults: the official images.
+default_images() {
+    : "${DLOPBOX_NGINX_IMAGE:=nginx:stable}" "${DLOPBOX_RABBITMQ_IMAGE:=rabbitmq:3-management}" "${DLOPBOX_MONGO_IMAGE:=mongo:7}"
+}
+
 images_present() {
     local image
-    for image in dlopbox:latest mydropbox:latest myclient:latest "$DLOPBOX_NGINX_IMAGE" "$DLOPBOX_RABBITMQ_IMAGE" "$DLOPBOX_MONGO_IMAGE"; do
+    for image in dlopbox:latest mydropbox:latest myclient:latest "${DLOPBOX_NGINX_IMAGE:-nginx:stable}" \
+                 "${DLOPBOX_RABBITMQ_IMAGE:-rabbitmq:3-management}" "${DLOPBOX_MONGO_IMAGE:-mongo:7}"; do
         docker image inspect "$image" >/dev/null 2>&1 || return 1
     done
 }
@@ -153,6 +157,7 @@ up() {
     ensure_env
     load_env
     images_present || { build; load_file deploy/.cache/images.env; }
+    default_images
 
     say "network and volumes"
     docker network inspect "$net" >/dev/null 2>&1 || run docker network create --label "$label" "$net" >/dev/null

@@ -130,6 +130,14 @@ class ClientProcess:
             self.proc.wait()
             raise
 
+    async def exited(self, timeout: float) -> int:
+        """Wait for the process to exit without blocking this loop (an in-test interface may run on it)."""
+        return await asyncio.to_thread(self.wait, timeout)
+
+    async def stopped(self, timeout: float = 20.0) -> int:
+        """SIGTERM and wait, without blocking this loop."""
+        return await asyncio.to_thread(self.stop, timeout)
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 

@@ -100,7 +100,7 @@ async def test_200_mib_file_streams_in_bounded_memory_and_never_shows_partially(
           f"{sampler.samples} samples of the final name, {sampler.hashed} hashed whole")
 
     started = time.monotonic()
-    assert client.stop() == 0
+    assert await client.stopped() == 0
     assert time.monotonic() - started < 10
     assert sampler.bad == [], sampler.bad
     assert sampler.samples > 0
@@ -118,13 +118,13 @@ async def test_sigkill_mid_download_then_restart_leaves_no_partial_or_temp_file(
     await m.publish(event, m.write("small-after", b"queued behind it"))
     await until(lambda: temp_files(slave), 60, "the download to start", interval=0.005)
     client.signal(signal.SIGKILL)
-    client.wait(10)
+    await client.exited(10)
     assert not (slave / "big.bin").exists(), "a partial file under its final name"
     seq_before = load_state(slave).seq
 
     client.start()
     await wait_equal(shared_dir, slave, timeout=120)
-    assert client.stop() == 0
+    assert await client.stopped() == 0
     assert leftovers(slave) == []
     assert load_state(slave).seq == m.interface.head > seq_before
 
@@ -141,14 +141,14 @@ async def test_sigterm_mid_download_stops_within_seconds_and_resumes(upstream: F
     await until(lambda: temp_files(slave), 60, "the download to start", interval=0.005)
     started = time.monotonic()
     client.signal(signal.SIGTERM)
-    assert client.wait(10) == 0
+    assert await client.exited(10) == 0
     assert time.monotonic() - started < 5
     assert leftovers(slave) == [], "an abandoned download's temp file was left behind"
     assert "stopped at seq" in client.log()
 
     client.start()
     await wait_equal(shared_dir, slave, timeout=120)
-    assert client.stop() == 0
+    assert await client.stopped() == 0
     assert load_state(slave).seq == m.interface.head
 
 
@@ -159,7 +159,7 @@ async def test_a_backlog_of_10000_events_is_consumed_in_bounded_memory(upstream:
     client = process(slave)
     client.start()
     await until(lambda: load_state(slave) is not None, 60, "the first sync")
-    assert client.stop() == 0
+    assert await client.stopped() == 0
 
     def make_files() -> list:
         events = [m.mkdir(f"d{d}") for d in range(20)]
@@ -176,5 +176,5 @@ async def test_a_backlog_of_10000_events_is_consumed_in_bounded_memory(upstream:
     rss_kib = client.peak_rss_kib()
     print(f"\nbacklog of 10,000 events: consumed in {seconds:.1f}s ({10_000 / seconds:.0f} files/s); "
           f"peak RSS {rss_kib / 1024:.1f} MiB")
-    assert client.stop() == 0
+    assert await client.stopped() == 0
     assert rss_kib < RSS_LIMIT_KIB, f"peak RSS {rss_kib} KiB"

@@ -15,6 +15,10 @@ overflowed), a scan of the disk is diffed against what is known, which emits exa
 differences. Every item reads the disk as it is when it runs, and every later change has a
 later item, so the slaves' view always converges on the disk.
 
+A file modified but not closed is read once it has been quiet for SETTLE_S; while some
+process still holds it open for writing (a read lease is refused exactly then), only once
+quiet for OPEN_QUIET_S, so a copy slowed down by a loaded machine is not sent as a prefix.
+
 Symlinks, FIFOs, sockets and devices are skipped and never followed; names starting with
 ``.dlopbox`` and the ``DLOPBOX_IGNORE`` patterns are ignored.
 """
@@ -25,10 +29,12 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import hashlib
 import logging
 import os
 import select
+import signal
 import stat
 import threading
 import time
@@ -63,6 +69,9 @@ _IGNORED, _Q_OVERFLOW, _SELF = int(Mask.IGNORED), int(Mask.Q_OVERFLOW), int(Mask
 SETTLE_S = 0.5
 #: A version whose file is already being rewritten is skipped for the next one, but not for longer.
 BUSY_MAX_S = 2.0
+#: The same two for a file some process still holds open for writing: a log kept open still goes out.
+OPEN_QUIET_S = 5.0
+OPEN_BUSY_MAX_S = 30.0
 #: How long a MOVED_FROM waits for its MOVED_TO before it counts as a move out of the tree.
 PAIR_S = 0.02
 #: How long the oldest item may hold back later items that touch none of its paths (a big digest).
@@ -200,6 +209,27 @@ def hash_file(path: str | Path, rel: str, abort: threading.Event) -> Entry | Non
         if digest is not None and _same_version(before, after):
             return entry_from_stat(rel, before, digest)
     return None
+
+
+def open_for_writing(path: str) -> bool | None:
+    """Whether some process has the file at ``path`` open for writing; None when it cannot tell.
+
+    The kernel refuses a read lease (EAGAIN) exactly then. The lease is dropped at once; a writer
+    opening the file meanwhile makes the kernel send SIGIO, which the watcher ignores.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError as exc:
+        return True if exc.errno == errno.EAGAIN else None  # EACCES: not ours and no CAP_LEASE
+    else:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        return False
+    finally:
+        os.close(fd)
 
 
 def _same_content(a: Entry, b: Entry) -> bool:
@@ -578,6 +608,7 @@ class Watcher:
         self._rescan: Future[ScanResult] | None = None
         self._overflow_logged = float("-inf")
         self._needs_manifest = True
+        self._leases = False  # open_for_writing() is usable: SIGIO ignored
         self._pool: ThreadPoolExecutor
         self._inotify: Inotify
         self._watches: Watches
@@ -587,6 +618,9 @@ class Watcher:
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root} is not a directory")
         self._loop = asyncio.get_running_loop()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGIO, signal.SIG_IGN)  # a lease broken by a writer must not kill us
+            self._leases = True
         workers = max(1, self.settings.hash_workers)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dlopbox-hash")
         try:
@@ -770,11 +804,15 @@ class Watcher:
     def _settle(self, rel: str) -> None:
         """A file changed without being closed: read it once it has been quiet for SETTLE_S."""
         _, since = self._dirty.pop(rel)
-        st = _lstat(self._path(rel))
+        path = self._path(rel)
+        st = _lstat(path)
         if st is None or not stat.S_ISREG(st.st_mode):
             return
-        busy = 0 <= time.time_ns() - st.st_mtime_ns < SETTLE_S * 1e9
-        if busy and time.monotonic() - since < BUSY_MAX_S:
+        quiet, patience = SETTLE_S, BUSY_MAX_S
+        if self._leases and open_for_writing(path):
+            quiet, patience = OPEN_QUIET_S, OPEN_BUSY_MAX_S
+        busy = 0 <= time.time_ns() - st.st_mtime_ns < quiet * 1e9
+        if busy and time.monotonic() - since < patience:
             self._dirty[rel] = (self._loop.call_later(SETTLE_S, self._settle, rel), since)
             return
         self._enqueue_write(rel, time.time())

@@ -27,7 +27,7 @@ import pytest
 from dlopbox.events import Entry, Event, Op
 from dlopbox.settings import DEFAULT_IGNORE, WatcherSettings
 from dlopbox.tree import Ignore, Tree, scan
-from dlopbox.watcher import Watcher
+from dlopbox.watcher import SETTLE_S, Watcher, open_for_writing
 from tests.receiver import Receiver
 
 MAX_QUEUED_EVENTS = Path("/proc/sys/fs/inotify/max_queued_events")
@@ -604,6 +604,28 @@ async def test_hashing_a_big_file_blocks_neither_the_loop_nor_other_files(root: 
         assert [e.path for e in writes] == ["small", "big"]  # the small file did not wait for the big digest
         assert writes[1].digest == hashlib.sha256(bytes(size)).hexdigest()
         assert max(lags) < 0.5, f"the event loop stalled {max(lags):.3f} s"
+
+
+async def test_a_writer_stalling_with_its_file_open_is_not_sent_as_a_prefix(root: Path, receiver: Receiver):
+    """A copy stalled past SETTLE_S (a loaded machine) goes out once, complete, when its writer closes it."""
+    async with watching(root, receiver):
+        mark = receiver.seq
+        with open(root / "copy.bin", "wb") as f:
+            f.write(b"a" * 100_000)
+            f.flush()
+            assert open_for_writing(str(root / "copy.bin")) is True
+            await asyncio.sleep(SETTLE_S * 4)
+            assert not receiver.events(mark), "a prefix went out while the writer still had the file open"
+            f.write(b"b" * 100_000)
+        assert open_for_writing(str(root / "copy.bin")) is False
+        await wait_synced(receiver, root)
+        await wait_quiet(receiver)
+        assert [plain(e) for e in receiver.events(mark)] == [write_of(root, "copy.bin")]
+        # truncate(2) leaves no writer: it still goes out after SETTLE_S, without a close.
+        mark = receiver.seq
+        os.truncate(root / "copy.bin", 10)
+        await wait_synced(receiver, root)
+        assert [plain(e) for e in receiver.events(mark)] == [write_of(root, "copy.bin")]
 
 
 async def test_latency_of_one_small_file_is_milliseconds_plus_the_batch_window(root: Path, receiver: Receiver):

@@ -18,7 +18,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-from dlopbox import broker
 from tests.services import NginxServer, RabbitNode, SecantusNode, free_port, wait_until
 
 

@@ -298,7 +298,7 @@ def machine() -> str:
     lsyncd = subprocess.run(["lsyncd", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
     rsync = subprocess.run(["rsync", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
     return (f"{os.cpu_count()} cores ({cpu}), {mem} GiB RAM, Linux {platform.release()}, "
-            f"Python {platform.python_version()}, lsyncd {lsyncd.split()[-1]}, {rsync.split('  ')[0]}")
+            f"Python {platform.python_version()}, lsyncd {lsyncd.split()[-1]}, rsync {rsync.split()[2]}")
 
 
 def _fmt(value: float | None, unit: str) -> str:

@@ -23,6 +23,8 @@ DIGEST_ALGORITHM = "sha256"
 _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 _BATCH_ID_RE = re.compile(r"[0-9A-Za-z_.:-]{1,128}")
 MAX_MODE = 0o7777
+#: Integers are stored in MongoDB as 64-bit: anything wider is refused here, not at the log write.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 class Op(enum.StrEnum):
@@ -123,9 +125,9 @@ class Event:
         if self.op in (Op.MKDIR, Op.RMDIR) and not self.is_dir:
             raise EventError("is_dir", f"a {self.op} event must have is_dir true")
         if self.size is not None:
-            _check_int("size", self.size, minimum=0)
+            _check_int("size", self.size, minimum=0, maximum=INT64_MAX)
         if self.mtime_ns is not None:
-            _check_int("mtime_ns", self.mtime_ns)
+            _check_int("mtime_ns", self.mtime_ns, minimum=INT64_MIN, maximum=INT64_MAX)
         if self.mode is not None:
             _check_int("mode", self.mode, minimum=0, maximum=MAX_MODE)
         if self.digest is not None:
@@ -134,7 +136,7 @@ class Event:
             if not isinstance(self.digest, str) or not _DIGEST_RE.fullmatch(self.digest):
                 raise EventError("digest", f"must be 64 lowercase hex characters ({DIGEST_ALGORITHM})")
         if self.seq is not None:
-            _check_int("seq", self.seq, minimum=1)
+            _check_int("seq", self.seq, minimum=1, maximum=INT64_MAX)
         if isinstance(self.ts, bool) or not isinstance(self.ts, (int, float)) or not 0 <= self.ts < math.inf:
             raise EventError("ts", "must be a non-negative number (unix seconds)")
 

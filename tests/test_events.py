@@ -144,8 +144,8 @@ _name = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_c
 
 @given(
     path=st.lists(_name, min_size=1, max_size=4).map("/".join),
-    size=st.integers(0, 2**63),
-    mtime=st.integers(-(2**63), 2**63),
+    size=st.integers(0, 2**63 - 1),
+    mtime=st.integers(-(2**63), 2**63 - 1),
     mode=st.integers(0, 0o7777),
     seq=st.one_of(st.none(), st.integers(1, 2**62)),
 )

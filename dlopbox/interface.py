@@ -34,6 +34,7 @@ import logging
 import tempfile
 import time
 from collections import OrderedDict
+from datetime import UTC
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -48,7 +49,7 @@ from pymongo.errors import PyMongoError
 
 from . import broker
 from .eventlog import EventLog, Unconfirmed, entry_from_doc
-from .events import Batch, EventError
+from .events import INT64_MAX, Batch, EventError
 from .metrics import Metrics
 from .paths import UnsafePathError, check_relpath
 from .settings import InterfaceSettings
@@ -639,8 +640,8 @@ async def post_progress(request: web.Request) -> web.Response:
     except (ValueError, UnicodeDecodeError):
         raise web.HTTPBadRequest(text="body must be JSON: {\"seq\": N}") from None
     seq = body.get("seq") if isinstance(body, dict) else None
-    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0 or set(body) != {"seq"}:
-        raise web.HTTPBadRequest(text="body must be {\"seq\": N} with N a non-negative integer")
+    if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq <= INT64_MAX or set(body) != {"seq"}:
+        raise web.HTTPBadRequest(text="body must be {\"seq\": N} with N a non-negative 64-bit integer")
     with pymongo.timeout(request.app[SETTINGS].backend_timeout):
         await request.app[INGEST].log.set_progress(client_id, seq)
     return web.Response(status=204)
@@ -652,7 +653,8 @@ async def get_clients(request: web.Request) -> web.Response:
     head = ingest.head
     with pymongo.timeout(request.app[SETTINGS].backend_timeout):
         rows = await ingest.log.client_progress()
-    clients = [{"id": r["_id"], "seq": r["seq"], "last_seen": r["last_seen"].isoformat(),
+    # MongoDB hands datetimes back naive (they are UTC): RFC 3339, as the OpenAPI says, needs the offset.
+    clients = [{"id": r["_id"], "seq": r["seq"], "last_seen": r["last_seen"].replace(tzinfo=UTC).isoformat(),
                 "lag": max(0, head - r["seq"])} for r in rows]
     return web.json_response({"head": head, "clients": clients})
 

@@ -421,16 +421,19 @@ class Ingest:
         """Consume the journal for ever: write what the log lacks, then ack."""
         while not self._closing:
             journal = self.journal
+            messages = None
             try:
                 if journal is None:
                     raise aio_pika.exceptions.ChannelInvalidStateError("journal queue not declared")
-                async with journal.iterator() as messages:
+                messages = journal.iterator()
+                async with messages:
                     async for message in messages:
                         await self._from_journal(message)
             except AMQP_ERRORS as exc:
                 if self._closing:
                     raise
                 log.warning("journal consumer interrupted (%s: %s); resuming", type(exc).__name__, exc)
+                await _forget_consumer(journal, messages)
                 await asyncio.sleep(1.0)
 
     async def _parse(self, message: AbstractIncomingMessage) -> Batch | None:
@@ -503,6 +506,22 @@ class Ingest:
             raise
         spool.seek(0)
         return spool, seq, count
+
+
+async def _forget_consumer(queue: AbstractQueue | None, messages: Any) -> None:
+    """Cancel an interrupted iterator's consumer, so that it is not restored beside the next one.
+
+    An iterator closed on a dead channel skips Basic.Cancel, and aio-pika's robust queue then
+    restores its consumer on reconnect: a ghost taking every other journal message, which
+    the keeper would never see (and would log the rest ahead of them, out of order).
+    """
+    tag = getattr(messages, "consumer_tag", None)
+    if queue is None or tag is None:
+        return
+    try:
+        await queue.cancel(tag, nowait=True)  # forgets it for restoration even when the channel is dead
+    except AMQP_ERRORS as exc:
+        log.debug("cancelling the interrupted journal consumer: %s", exc)
 
 
 # -- HTTP -----------------------------------------------------------------------------------

@@ -66,6 +66,8 @@ JOURNAL_PREFETCH = 64
 #: The keeper's writes may be big (a large rmdir or move); give them longer than a commit.
 KEEPER_TIMEOUT_FACTOR = 12
 SPOOL_MEMORY = 1024 * 1024
+#: How many backend timeouts a manifest request waits for the log to hold what was published.
+MANIFEST_CATCH_UP_FACTOR = 6
 MANIFEST_YIELD_EVERY = 1000
 STREAM_CHUNK = 256 * 1024
 SHUTDOWN_TIMEOUT = 15.0
@@ -487,10 +489,24 @@ class Ingest:
 
     # -- reading -----------------------------------------------------------------------------
 
+    async def _log_reaches(self, seq: int, timeout: float) -> None:
+        """Wait until every batch numbered so far is in the log.
+
+        A client binds its queue, then asks for the manifest: each event must be in one or the
+        other. A batch published before the bind but logged after the snapshot would be in
+        neither, since publication runs ahead of the log.
+        """
+        deadline = time.monotonic() + timeout
+        while self.logged_through < seq:
+            if self.degraded or time.monotonic() > deadline:
+                raise Unavailable(f"the log is catching up (at seq {self.logged_through} of {seq})")
+            await asyncio.sleep(0.01)
+
     async def manifest(self) -> tuple[IO[bytes], int, int]:
         """A consistent snapshot, spooled under the log lock: (NDJSON entries, seq, count)."""
         if not self.ready.is_set():
             raise Unavailable("starting: waiting for MongoDB and RabbitMQ")
+        await self._log_reaches(self.next_seq - 1, MANIFEST_CATCH_UP_FACTOR * self.settings.backend_timeout)
         spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY)
         try:
             async with self.log_lock:

@@ -257,13 +257,38 @@ def manifest_events(total: int) -> list[Event]:
     return events[:total]
 
 
+async def test_manifest_holds_every_batch_published_before_it_was_asked_for(rabbit, mongo, mongo_db):
+    """A client binds its queue, then reads the manifest: each event must be in one or the other.
+
+    The 200 status line goes out once a batch is published, while its log write may still run;
+    a manifest asked for at that moment must wait for the write, or a new client misses the batch.
+    """
+    first = [write_event(f"a/{i:04d}", str(i).encode()) for i in range(1000)]
+    second = [write_event(f"b/{i:04d}", str(i).encode()) for i in range(1000)]
+    settings = settings_for(rabbit, mongo, mongo_db, backend_timeout=30.0)
+    async with running(settings) as svc, aiohttp.ClientSession() as http:
+        # Two batches back to back: the second is published while the first is still being
+        # logged, and its own log write waits its turn (headers only: published, not logged).
+        async with http.post(svc.url + "/events", data=batch_body(first), headers=WRITE) as one:
+            async with http.post(svc.url + "/events", data=batch_body(second), headers=WRITE) as two:
+                assert one.status == two.status == 200
+                async with http.get(svc.url + "/manifest", headers=READ) as r:
+                    assert r.status == 200
+                    rows = ndjson(await r.read())
+                reply = await two.json()
+    assert reply["last_seq"] == 2000
+    assert rows[0]["seq"] == 2000
+    assert {row["path"] for row in rows[1:]} >= {e.path for e in first + second}
+
+
 async def test_manifest_matches_the_state_after_10000_events(rabbit, mongo, mongo_db):
     events = manifest_events(10_000)
     expected = Tree()
     for seq, e in enumerate(events, 1):
         expected.apply(e.with_seq(seq))
-    async with running(settings_for(rabbit, mongo, mongo_db)) as svc, mongo_reader(mongo, mongo_db) as db, \
-            aiohttp.ClientSession() as http:
+    # 1,000-event log writes take seconds on a loaded machine: this test is about the snapshot.
+    settings = settings_for(rabbit, mongo, mongo_db, backend_timeout=30.0)
+    async with running(settings) as svc, mongo_reader(mongo, mongo_db) as db, aiohttp.ClientSession() as http:
         for i in range(0, len(events), 1000):
             status, reply = await post_batch(http, svc.url, events[i:i + 1000])
             assert status == 200 and reply["logged"], reply

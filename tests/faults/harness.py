@@ -246,7 +246,11 @@ class Deployment(Compose):
             converge_s, want = self.wait_equal(clients, timeout, ignore=case.inherited)
         except AssertionError as exc:
             case.events_lost = getattr(exc, "lost", None)
-            raise
+            # Where were they lost: before the log (watcher, interface) or after it (broker, clients)?
+            want, _ = self.trees([])
+            in_log = _differing(want, self.audit_log()["tree"]) - case.inherited
+            raise AssertionError(f"{exc}\nthe log replayed differs from the master at {len(in_log)} paths: "
+                                 f"{sorted(in_log)[:10]}") from None
         case.converge_s = converge_s
         case.events_lost = 0
         deadline = time.monotonic() + 120

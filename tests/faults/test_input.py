@@ -24,13 +24,22 @@ pytestmark = [pytest.mark.faults, pytest.mark.docker, pytest.mark.timeout(300)]
 ETC_PASSWD = "python3 -c 'import hashlib;print(hashlib.sha256(open(\"/etc/passwd\",\"rb\").read()).hexdigest())'"
 
 
+_LAST: dict[str, dict[str, object]] = {}
+
+
+def before(system: Deployment) -> dict[str, object]:
+    """The snapshot the previous input left (each one must change nothing), or a fresh one."""
+    return _LAST.get("snapshot") or snapshot(system)
+
+
 def snapshot(system: Deployment) -> dict[str, object]:
     """Everything a hostile input must leave alone."""
     master, clients = system.trees(system.containers("client"))
     audit = system.audit_log()
     passwd = {c: run("docker", "exec", c, "sh", "-c", ETC_PASSWD).stdout for c in system.containers("client")}
-    return {"log": (audit["count"], audit["last"]), "head": system.health()["head"], "master": master,
-            "clients": clients, "passwd": passwd}
+    _LAST["snapshot"] = {"log": (audit["count"], audit["last"]), "head": system.health()["head"],
+                         "master": master, "clients": clients, "passwd": passwd}
+    return _LAST["snapshot"]
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +99,7 @@ def test_hostile_posts_are_refused_and_change_nothing(system: Deployment, quiet:
                                                       reason: str) -> None:
     case = Case(key, title, order=POSTS.index(next(p for p in POSTS if p[0] == key)), group="input")
     with recorded(case):
-        before = snapshot(system)
+        unchanged = before(system)
         token = {"write": system.env["DLOPBOX_TOKEN"], "wrong": "not-the-token"}.get(auth or "")
         got, text = post(system, body, {"Authorization": f"Bearer {token}"} if token else {})
         shown = text if len(text) < 200 else text[:200] + "..."
@@ -102,7 +111,7 @@ def test_hostile_posts_are_refused_and_change_nothing(system: Deployment, quiet:
             case.happened = f"refused: {got} `{error[:160]}`; log, queues and trees unchanged"
         else:
             case.happened = f"refused: connection closed before the {len(body) / 2**20:.0f} MB body was read"
-        assert snapshot(system) == before, "a refused POST changed something"
+        assert snapshot(system) == unchanged, "a refused POST changed something"
         case.events_lost = 0
 
 
@@ -183,7 +192,7 @@ def test_a_clients_broker_user_cannot_publish(system: Deployment, quiet: None) -
     case = Case("broker-client-publish", "A client's broker user publishing to the exchange, or into another "
                 "client's queue", order=30, group="input")
     with recorded(case):
-        before = snapshot(system)
+        unchanged = snapshot(system)
         attacker, victim = system.containers("client")[:2]
         victim_id = json.loads(run("docker", "exec", victim, "cat", "/sync/.dlopbox/state.json").stdout)["client_id"]
         to_exchange = run("docker", "exec", attacker, "python3", "-c", PUBLISH_AS_CLIENT).stdout
@@ -192,7 +201,7 @@ def test_a_clients_broker_user_cannot_publish(system: Deployment, quiet: None) -
         assert "ACCESS_REFUSED" in to_exchange and "ACCESS_REFUSED" in to_queue, (to_exchange, to_queue)
         reason = to_exchange.split("ACCESS_REFUSED", 1)[1].split("'")[0].strip(" -")
         case.happened = f"refused by RabbitMQ: `ACCESS_REFUSED - {reason[:120]}` (both routes)"
-        assert snapshot(system) == before
+        assert snapshot(system) == unchanged
         case.events_lost = 0
 
 

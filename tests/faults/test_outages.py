@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.docker.helpers import run
-from tests.faults.harness import Case, Deployment, log_count, recorded
+from tests.faults.harness import Case, Churn, Deployment, log_count, recorded
 
 pytestmark = [pytest.mark.faults, pytest.mark.docker, pytest.mark.timeout(600)]
 
@@ -32,7 +32,7 @@ def since() -> str:
     return str(int(time.time()) - 1)
 
 
-def churn_around(system: Deployment, case: Case, seed: int, before: float = 3.0) -> object:
+def churn_around(system: Deployment, case: Case, seed: int, before: float = 2.0) -> Churn:
     churn = system.churn(case.key, seed)
     time.sleep(before)
     return churn
@@ -58,7 +58,7 @@ def test_rabbitmq_restarted(system: Deployment) -> None:
         started = time.monotonic()
         run("docker", "restart", "-t", "10", system.service("rabbit"))
         outage = time.monotonic() - started + system.wait_healthy()
-        time.sleep(3)
+        time.sleep(1)
         ops = churn.stop()["ops"]
         system.settle(case)
         refused = int(system.metric(REJECTED_503) - rejected)
@@ -77,7 +77,7 @@ def test_rabbitmq_killed(system: Deployment) -> None:
         time.sleep(2)
         run("docker", "start", rabbit)
         outage = time.monotonic() - started + system.wait_healthy()
-        time.sleep(3)
+        time.sleep(1)
         ops = churn.stop()["ops"]
         system.settle(case)
         refused = int(system.metric(REJECTED_503) - rejected)
@@ -100,7 +100,7 @@ def test_mongodb_stopped_for_30_s(system: Deployment) -> None:
         head_during = system.health()["head"]
         run("docker", "start", mongo)
         system.wait_healthy()
-        time.sleep(3)
+        time.sleep(1)
         ops = churn.stop()["ops"]
         system.settle(case)
         assert head_during > head_before, "nothing was acknowledged while MongoDB was down"
@@ -116,10 +116,10 @@ def test_interface_killed(system: Deployment) -> None:
         head = system.health()["head"]
         interface = system.interface
         run("docker", "kill", "-s", "KILL", interface)
-        time.sleep(3)
+        time.sleep(2)
         run("docker", "start", interface)
-        down = 3 + system.wait_healthy()
-        time.sleep(3)
+        down = 2 + system.wait_healthy()
+        time.sleep(1)
         ops = churn.stop()["ops"]
         system.settle(case)
         case.happened = (f"{ops} changes; interface down {down:.0f} s from seq {head}: the watcher buffered and "
@@ -132,19 +132,19 @@ def test_watcher_restarted_with_changes_made_while_it_was_down(system: Deploymen
         master = system.master
         # From a throwaway container on the shared volume: the churn goes on while the master is down.
         churn = system.churn_on_volume(case.key, seed=5)
-        time.sleep(3)
+        time.sleep(2)
         run("docker", "stop", "-t", "10", master)
         time.sleep(8)
         mark = since()
         run("docker", "start", master)
         system.wait_running(master)
-        time.sleep(4)
+        time.sleep(2)
         ops = churn.stop()["ops"]
         system.settle(case)
         reconciled = [line for line in system.logs_since(master, mark).splitlines() if "reconciled" in line]
         assert reconciled, "the restarted watcher did not reconcile with the interface"
         case.happened = (f"{ops} changes, 8 s of them while the watcher was stopped; on start it "
-                         f"{reconciled[0].split('reconciled ', 1)[1].strip()}")
+                         f"reconciled {reconciled[0].split('reconciled ', 1)[1].strip()}")
 
 
 KILL_MID_DOWNLOAD = r"""
@@ -245,7 +245,7 @@ def test_the_slowest_client_does_not_slow_the_others(system: Deployment) -> None
         run("docker", "pause", victim)
         try:
             churn = system.churn(case.key, seed=9)
-            time.sleep(15)
+            time.sleep(8)
             ops = churn.stop()["ops"]
             others_s, _ = system.wait_equal(others, ignore=case.inherited)
         finally:
@@ -257,8 +257,10 @@ def test_the_slowest_client_does_not_slow_the_others(system: Deployment) -> None
                          f"{'n/a' if baseline is None else f'{baseline:.1f} s'}); unfrozen, the slow one caught "
                          f"up in {settled.converge_s:.1f} s")
         case.converge_s = others_s
-        if baseline is not None:
-            assert others_s <= max(10.0, 3 * baseline), f"the others took {others_s:.1f} s (baseline {baseline:.1f} s)"
+        # The bound catches the others waiting for the frozen one (they would wait until it is unfrozen);
+        # the table shows the measured times against the no-fault baseline.
+        limit = (baseline or 0.0) + 30.0
+        assert others_s <= limit, f"the others took {others_s:.1f} s (baseline {baseline} s): held back by the frozen one"
 
 
 MAX_QUEUED_EVENTS = Path("/proc/sys/fs/inotify/max_queued_events")
@@ -279,7 +281,7 @@ for i in range(0, count, 7):
 
 
 def test_inotify_queue_overflow_on_the_master(system: Deployment) -> None:
-    case = system.begin(Case("inotify-overflow", "inotify queue overflow on the master (a 5,000-file burst)", order=10))
+    case = system.begin(Case("inotify-overflow", "inotify queue overflow on the master (a 3,000-file burst)", order=10))
     with recorded(case):
         master = system.master
         original = MAX_QUEUED_EVENTS.read_text().strip()
@@ -300,7 +302,7 @@ def test_inotify_queue_overflow_on_the_master(system: Deployment) -> None:
                     time.sleep(0.3)
         finally:
             MAX_QUEUED_EVENTS.write_text(original)
-        count = 5000 if small else 40000
+        count = 3000 if small else 40000
         churn = system.churn(case.key, seed=10)
         run("docker", "exec", master, "python3", "-c", BURST, f"/shared/churn/{case.key}-burst", str(count))
         time.sleep(2)
@@ -319,9 +321,15 @@ def test_inotify_queue_overflow_on_the_master(system: Deployment) -> None:
     "cannot open a file the master keeps private (0600, 0640, owned by root): try_files answers 404, the "
     "clients skip the file and never get it. Issue 6 asks that nginx serve every file of the volume."))
 def test_a_file_the_master_keeps_private_reaches_every_client(system: Deployment) -> None:
-    run("docker", "exec", system.master, "sh", "-c",
-        "umask 077 && mkdir -p /shared/private && echo secret > /shared/private/mode-0600.txt")
-    deadline = time.monotonic() + 30
-    while not all("private/mode-0600.txt" in t for t in system.trees(system.clients)[1].values()):
-        assert time.monotonic() < deadline, "a 0600 file on the master never reached the clients"
-        time.sleep(1)
+    case = Case("private-file", "A file the master keeps private (mode 0600)", order=11)
+    with recorded(case):
+        case.happened = "nginx answers 404 for it (its workers cannot read it): no client ever gets it"
+        run("docker", "exec", system.master, "sh", "-c",
+            "umask 077 && mkdir -p /shared/private && echo secret > /shared/private/mode-0600.txt")
+        started = time.monotonic()
+        while not all("private/mode-0600.txt" in t for t in system.trees(system.clients)[1].values()):
+            case.events_lost = 1
+            assert time.monotonic() - started < 30, "a 0600 file on the master never reached the clients"
+            time.sleep(1)
+        case.events_lost, case.converge_s = 0, time.monotonic() - started
+        case.happened = "every client got it"

@@ -72,7 +72,8 @@ HOSTILE_POSTS: dict[str, tuple[dict[str, str], bytes, int, str]] = {
 }
 
 
-async def test_hostile_posts_are_refused_clearly_and_nothing_is_written(rabbit, mongo, mongo_db, client_queues):
+async def test_hostile_posts_are_refused_clearly_and_nothing_is_written(rabbit, mongo, mongo_db, client_queues,
+                                                                      clean_journal):
     async with bound_queues(rabbit, client_queues[:2]) as queues, \
             running(settings_for(rabbit, mongo, mongo_db)) as svc, \
             mongo_reader(mongo, mongo_db) as db, aiohttp.ClientSession() as http:

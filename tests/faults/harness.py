@@ -213,7 +213,8 @@ class Deployment(Compose):
                 return time.monotonic() - started, want
             if time.monotonic() - started > timeout:
                 lost = max(len(_differing(want, g) - ignore) for g in got.values())
-                error = AssertionError(f"clients differ from the master {timeout:.0f} s after the churn stopped: "
+                error = AssertionError(f"clients still differ from the master at {lost} paths {timeout:.0f} s "
+                                       "after the churn stopped\n"
                                        + "; ".join(f"{c}: {describe_difference(want, g)}"
                                                    for c, g in got.items() if g != want))
                 error.lost = lost  # type: ignore[attr-defined]

@@ -224,10 +224,18 @@ class EventLog:
             yield Batch(record["batch_id"], tuple(Event.from_dict(event_from_doc(r)) for r in rows))
 
     async def events_since(self, since: int, prefix: str | None, limit: int) -> list[dict[str, Any]]:
-        """Logged events with seq > ``since`` touching ``prefix`` (itself or below it), ascending."""
+        """Logged events with seq > ``since`` that affect ``prefix``, ascending.
+
+        The same selection as :meth:`dlopbox.events.Event.affects`: on ``prefix`` or below it,
+        or a removal or move of a directory above it.
+        """
         query: dict[str, Any] = {"seq": {"$gt": since}}
         if prefix is not None:
             query["$or"] = [{"path": prefix}, {"path": subtree(prefix)}, {"dest": prefix}, {"dest": subtree(prefix)}]
+            above = list(_ancestors(prefix))
+            if above:
+                query["$or"] += [{"path": {"$in": above}, "op": {"$in": [Op.RMDIR.value, Op.MOVE.value]}},
+                                 {"dest": {"$in": above}}]
         docs = await self.events.find(query).sort("seq", 1).limit(limit).to_list()
         return [event_from_doc(d) for d in docs]
 

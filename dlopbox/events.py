@@ -38,6 +38,10 @@ class Op(enum.StrEnum):
     MOVE = "move"  #: a file or a whole directory was renamed from ``path`` to ``dest``
 
 
+#: The operations that change what lies below their path (or dest).
+_TREE_OPS = frozenset({Op.RMDIR, Op.MOVE})
+
+
 class EventError(ValueError):
     """A malformed event. ``field`` names what is wrong, ``index`` which event of a batch."""
 
@@ -146,6 +150,16 @@ class Event:
     def paths(self) -> tuple[str, ...]:
         """Every path this event touches (source and destination of a move)."""
         return (self.path,) if self.dest is None else (self.path, self.dest)
+
+    def affects(self, prefix: str) -> bool:
+        """Whether this event can change what is at or below ``prefix``.
+
+        It does when it acts on ``prefix`` or below it, and also when it removes or moves a
+        directory above it: a client following a file the master moved on must see both.
+        """
+        if any(is_within(p, prefix) for p in self.paths()):
+            return True
+        return self.op in _TREE_OPS and any(is_within(prefix, p) for p in self.paths())
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict; null fields are left out to keep batches small."""

@@ -24,7 +24,6 @@ from aiohttp import web
 
 from dlopbox import broker
 from dlopbox.events import Batch, Event, Op
-from dlopbox.paths import is_within
 from dlopbox.tree import file_digest, scan
 
 READ_TOKEN = "read-" + secrets.token_hex(8)
@@ -92,7 +91,7 @@ class FakeInterface:
         prefix = request.query.get("prefix")
         limit = int(request.query.get("limit", 100))
         found = [e for e in self.events if e.seq is not None and e.seq > since
-                 and (prefix is None or any(is_within(p, prefix) for p in e.paths()))][:limit]
+                 and (prefix is None or e.affects(prefix))][:limit]
         return web.json_response({"events": [e.to_dict() for e in found],
                                   "next": found[-1].seq if found else since})
 

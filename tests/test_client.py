@@ -8,6 +8,7 @@ tests/fake_interface.py, built from the files on disk.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 import os
@@ -250,6 +251,31 @@ async def test_master_moved_on_the_outdated_write_is_skipped(upstream: FakeMaste
         await m.publish(Event(Op.MKDIR, "dir", is_dir=True, mode=0o755), old, new, old_dir_file, moved, gone, deleted)
         await wait_equal(shared_dir, slave)
         requests = m.interface.manifest_requests
+        await wait_progress(m.interface, client_queues[0], m.interface.head)
+        assert m.interface.manifest_requests == requests
+
+
+async def test_a_write_whose_directory_the_master_moved_since_is_fetched_from_the_new_place(
+        upstream: FakeMaster, make_settings, client_queues, shared_dir, tmp_path):
+    """Only the interface's log knows of the move yet: GET /events must include a move of a parent."""
+    m = upstream
+    slave = tmp_path / "slave"
+    async with running(make_settings(client_queues[0], slave)):
+        await wait_synced(slave)
+        requests = m.interface.manifest_requests
+        mkdir, write = m.mkdir("dir"), m.write("dir/f", b"in dir")
+        moved = m.move("dir", "dir2")  # nginx now has dir2/f only
+        batch = await m.publish(mkdir, write)
+        assert batch.last_seq is not None
+        m.interface.events.append(dataclasses.replace(moved, seq=batch.last_seq + 1))  # logged, not delivered
+        m.interface.head = batch.last_seq + 1
+        deadline = time.monotonic() + 10  # far below apply.STALE_PATIENCE, after which it resyncs
+        while not (slave / "dir" / "f").is_file():
+            assert time.monotonic() < deadline, "the client did not follow the move of dir/f's directory"
+            await asyncio.sleep(0.05)
+        assert (slave / "dir" / "f").read_bytes() == b"in dir"
+        await m.publish(moved, seq=batch.last_seq + 1)
+        await wait_equal(shared_dir, slave)
         await wait_progress(m.interface, client_queues[0], m.interface.head)
         assert m.interface.manifest_requests == requests
 

@@ -165,3 +165,14 @@ def test_arbitrary_json_never_crashes_the_parser(value):
         Event.from_dict(value)
     except EventError:
         pass
+
+
+def test_an_event_affects_its_paths_what_lies_below_them_and_what_a_removed_or_moved_parent_held():
+    write = Event(Op.WRITE, "a/b", size=1, mtime_ns=1, mode=0o644, digest="0" * 64)
+    assert write.affects("a/b") and write.affects("a") and not write.affects("a/b/c") and not write.affects("a/bc")
+    move = Event(Op.MOVE, "a", dest="x/y", is_dir=True)
+    assert move.affects("a/b/c") and move.affects("x/y/z") and move.affects("x") and not move.affects("ab")
+    rmdir = Event(Op.RMDIR, "a", is_dir=True)
+    assert rmdir.affects("a/b") and not rmdir.affects("b/a")
+    mkdir = Event(Op.MKDIR, "a", is_dir=True, mode=0o755)
+    assert not mkdir.affects("a/b") and mkdir.affects("a")

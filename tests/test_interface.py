@@ -199,6 +199,9 @@ async def test_get_events_filters_by_since_prefix_and_limit(rabbit, mongo, mongo
         assert [e["seq"] for e in (await get("?prefix=c"))[1]["events"]] == [6, 7]
         assert [e["seq"] for e in (await get("?prefix=c/d/e"))[1]["events"]] == [6]
         assert [e["seq"] for e in (await get("?prefix=a%20b"))[1]["events"]] == [3]
+        # A move or removal of a directory above the prefix changes what is at it: included.
+        assert [e["seq"] for e in (await get("?prefix=a/ab/z"))[1]["events"]] == [5]
+        assert [e["seq"] for e in (await get("?prefix=a/x/y"))[1]["events"]] == [7]
         status, page = await get("?limit=3&prefix=a")
         assert [e["seq"] for e in page["events"]] == [1, 2, 5] and page["next"] == 5
         status, page = await get(f"?limit=3&prefix=a&since={page['next']}")

@@ -197,6 +197,7 @@ up() {
         -e NGINX_PORT=80 -e NGINX_ROOT=/www/data \
         -v "$project-shared:/www/data:ro" \
         -v "$PWD/deploy/nginx.conf:/etc/nginx/templates/default.conf.template:ro" \
+        -v "$PWD/deploy/nginx-main.conf:/etc/nginx/nginx.conf:ro" \
         --health-cmd 'curl -fsS -o /dev/null http://127.0.0.1/.dlopbox-health' \
         --health-interval 5s --health-timeout 3s --health-retries 5 --health-start-period 10s \
         "$DLOPBOX_NGINX_IMAGE"

@@ -316,20 +316,19 @@ def test_inotify_queue_overflow_on_the_master(system: Deployment) -> None:
                          f"{queue}: the watcher saw the overflow, rescanned and sent exactly the differences")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "nginx's workers run as an unprivileged user (www-data in the stand-in, nginx in the official image) and "
-    "cannot open a file the master keeps private (0600, 0640, owned by root): try_files answers 404, the "
-    "clients skip the file and never get it. Issue 6 asks that nginx serve every file of the volume."))
 def test_a_file_the_master_keeps_private_reaches_every_client(system: Deployment) -> None:
     case = Case("private-file", "A file the master keeps private (mode 0600)", order=11)
     with recorded(case):
-        case.happened = "nginx answers 404 for it (its workers cannot read it): no client ever gets it"
         run("docker", "exec", system.master, "sh", "-c",
             "umask 077 && mkdir -p /shared/private && echo secret > /shared/private/mode-0600.txt")
         started = time.monotonic()
-        while not all("private/mode-0600.txt" in t for t in system.trees(system.clients)[1].values()):
+        path = "private/mode-0600.txt"
+        while True:
+            master, clients = system.trees(system.clients)
+            if all(t.get(path) == master[path] for t in clients.values()):
+                break  # same bytes and mode on every client
             case.events_lost = 1
             assert time.monotonic() - started < 30, "a 0600 file on the master never reached the clients"
             time.sleep(1)
         case.events_lost, case.converge_s = 0, time.monotonic() - started
-        case.happened = "every client got it"
+        case.happened = "nginx served it (its workers run as root on the read-only volume): every client has its bytes and its mode"

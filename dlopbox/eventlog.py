@@ -14,11 +14,19 @@ Collections:
   batches  _id = first_seq, batch_id, last_seq, logged_at
   clients  _id = client id, seq, last_seen
   meta     {_id: "head", seq}: the last logged seq; {_id: "journal", seq}: the last seq
-           seen in the RabbitMQ journal, i.e. known to be published
+           seen in the RabbitMQ journal, i.e. known to be published; {_id: "writer", lsid}:
+           the session the interface's transactions run in (see :meth:`EventLog._writer`)
+
+Every transaction runs in one session per interface process. A transaction its writer could not
+end (a timeout, a lost connection, the process killed) stays open on the server, holding its
+documents for transactionLifetimeLimitSeconds (60 s by default) and failing every later write of
+them with WriteConflict; knowing the session lets the interface end it at once.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import UTC, datetime
@@ -26,7 +34,8 @@ from typing import Any
 
 import pymongo
 from pymongo import AsyncMongoClient, DeleteOne, ReplaceOne
-from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure
+from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure, PyMongoError
 
 from .events import Batch, Entry, Event, Op
 from .tree import Tree
@@ -89,9 +98,54 @@ class EventLog:
         self.batches = db["batches"]
         self.clients = db["clients"]
         self.meta = db["meta"]
+        self._session: AsyncClientSession | None = None
 
     async def close(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            try:
+                await session.end_session()
+            except PyMongoError as exc:
+                log.debug("ending the writer session: %s", exc)
         await self.client.close()
+
+    async def _writer(self) -> AsyncClientSession:
+        """The session every transaction runs in; the one recorded before it is ended first.
+
+        That one belonged to an earlier writer (or to this one, before a failure): if it was
+        killed mid-write, its transaction is still open and holds the documents it wrote.
+        """
+        if self._session is None:
+            previous = await self.meta.find_one({"_id": "writer"})
+            if previous is not None and previous.get("lsid") is not None:
+                await self.client.admin.command("killSessions", [{"id": previous["lsid"]}])
+            session = self.client.start_session()
+            try:
+                await self.meta.update_one({"_id": "writer"}, {"$set": {"lsid": session.session_id["id"]}},
+                                           upsert=True)
+            except BaseException:
+                await session.end_session()
+                raise
+            self._session = session
+        return self._session
+
+    async def _abandon(self, session: AsyncClientSession) -> None:
+        """End a session whose transaction may still be open on the server; the next write opens another.
+
+        Run outside the caller's deadline (a fresh context), which has usually expired by now.
+        """
+        if self._session is session:
+            self._session = None
+
+        async def kill() -> None:
+            with pymongo.timeout(self.timeout):
+                await self.client.admin.command("killSessions", [session.session_id])
+            await session.end_session()
+
+        try:
+            await asyncio.shield(asyncio.create_task(kill(), context=contextvars.Context()))
+        except PyMongoError as exc:
+            log.info("could not end an interrupted transaction's session (the server ends it later): %s", exc)
 
     async def ping(self) -> None:
         with pymongo.timeout(self.timeout):
@@ -118,7 +172,8 @@ class EventLog:
         """
         assert batch.first_seq is not None and batch.last_seq is not None
         now = datetime.now(UTC)
-        async with self.client.start_session() as session:
+        session = await self._writer()
+        try:
             try:
                 async with await session.start_transaction():
                     # First, so that a batch already logged costs one failed insert and nothing else.
@@ -142,6 +197,9 @@ class EventLog:
                 log.error("seqs %d-%d of batch %s are already in the log under another batch; not rewritten",
                           batch.first_seq, batch.last_seq, batch.batch_id)
                 return False
+        except (PyMongoError, asyncio.CancelledError):
+            await self._abandon(session)
+            raise
         return True
 
     async def _state_changes(self, events: Iterable[Event], session: Any) -> list[DeleteOne | ReplaceOne]:

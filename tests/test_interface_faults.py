@@ -10,17 +10,21 @@ import asyncio
 import contextlib
 import os
 import signal
+import sys
 from collections.abc import AsyncIterator
 
 import aio_pika
 import aiohttp
+import pymongo
 import pytest
+from pymongo.errors import PyMongoError
 
 from dlopbox import broker
-from dlopbox.events import Entry, Event, Op
+from dlopbox.eventlog import EventLog
+from dlopbox.events import Batch, Entry, Event, Op
 from dlopbox.tree import Tree
 from tests.interface_harness import (
-    WRITE, batch_body, bound_queues, message_seqs, mongo_reader, numbered_events, poll, post_batch, running,
+    READ, WRITE, batch_body, bound_queues, message_seqs, mongo_reader, numbered_events, poll, post_batch, running,
     settings_for, write_event,
 )
 
@@ -114,6 +118,16 @@ async def test_with_mongodb_stopped_sync_keeps_flowing_and_the_log_catches_up(ra
             status, body = await health(http, svc.url)
             assert status == 503 and body["mongodb"].startswith("down") and body["log_degraded"] is True
             assert (body["head"], body["logged"]) == (ends[3], ends[0])
+
+            async def manifest() -> tuple[int, str]:
+                async with http.get(svc.url + "/manifest", headers=READ) as r:
+                    return r.status, r.headers.get("X-Dlopbox-Seq", "")
+
+            # A client resyncing now is held until the log has caught up, not sent away to back off.
+            resyncing = asyncio.create_task(manifest())
+            await asyncio.sleep(0.5)
+            assert not resyncing.done()
+        assert await asyncio.wait_for(resyncing, 60) == (200, str(ends[3]))
         # MongoDB is back: the journal keeper writes the log in order, then direct writes resume.
         async def caught_up() -> bool:
             status, body = await health(http, svc.url)
@@ -195,3 +209,67 @@ async def test_a_frozen_broker_leaves_the_batch_pending_and_never_half_logged(ra
             assert m.body == distinct[m.message_id]
         assert list(distinct) == ["first", "frozen", "other"]
         assert sorted(set(message_seqs(messages))) == [1, 2, 3, 4]
+
+
+# -- transactions left open ------------------------------------------------------------------
+
+KILLED_WRITER = r"""
+import asyncio, sys
+from dlopbox.eventlog import EventLog
+from dlopbox.events import Batch, Event, Op
+
+async def main():
+    log = EventLog(sys.argv[1], sys.argv[2], 5.0)
+    async def hang():
+        print("staged", flush=True)
+        await asyncio.sleep(3600)
+        return True
+    event = Event(Op.WRITE, "killed", size=1, mtime_ns=1, mode=0o644, digest="0" * 64)
+    await log.write(Batch("killed-writer", (event,)).numbered(1), hang)
+
+asyncio.run(main())
+"""
+
+
+def one_write(first: int, path: str) -> Batch:
+    return Batch(f"b{first}-{path}", (write_event(path),)).numbered(first)
+
+
+async def test_a_new_interface_ends_the_transaction_a_killed_one_left_open(mongo, mongo_db):
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", KILLED_WRITER, mongo.url, mongo_db,
+                                                stdout=asyncio.subprocess.PIPE)
+    assert proc.stdout is not None
+    assert await asyncio.wait_for(proc.stdout.readline(), 30) == b"staged\n"
+    proc.kill()  # SIGKILL mid-transaction: nothing ends its session
+    await proc.wait()
+    log = EventLog(mongo.url, mongo_db, 5.0)
+    try:
+        async with log.client.start_session() as other:
+            # The open transaction holds what it wrote (for a minute, left alone): batch record 1.
+            with pytest.raises(PyMongoError), pymongo.timeout(1.5):
+                async with await other.start_transaction():
+                    await log.batches.insert_one({"_id": 1, "probe": True}, session=other)
+        with pymongo.timeout(3.0):
+            assert await log.write(one_write(1, "after"))
+            assert [e["path"] for e in await log.events_since(0, None, 10)] == ["after"]
+    finally:
+        await log.close()
+
+
+async def test_the_journal_is_drained_in_seq_order_whatever_order_it_comes_back_in(rabbit, mongo, mongo_db):
+    """A batch requeued by an interrupted start can come back behind later ones; the log and state
+    must still be written in seq order (here the move would otherwise be applied before the write)."""
+    written = Batch("drain-1", (write_event("a", b"1"),)).numbered(1)
+    moved = Batch("drain-2", (Event(Op.MOVE, "a", dest="b", size=1, mtime_ns=written.events[0].mtime_ns,
+                                    mode=0o644, digest=written.events[0].digest),)).numbered(2)
+    connection = await aio_pika.connect(rabbit.admin_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        for batch in (moved, written):  # out of order
+            await channel.default_exchange.publish(broker.batch_message(batch), routing_key=broker.JOURNAL_QUEUE)
+    async with running(settings_for(rabbit, mongo, mongo_db)):
+        pass  # the start drains the journal
+    async with mongo_reader(mongo, mongo_db) as db:
+        assert await db.seqs() == [1, 2]
+        assert sorted(await db.state()) == ["b"]
+    assert await journal_depth(rabbit, 0)

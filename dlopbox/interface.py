@@ -208,19 +208,27 @@ class Ingest:
         assert self.journal is not None
         head = await self.log.head()
         journaled = await self.log.journaled_through()
-        drained = 0
+        # Taken whole, then written in seq order: a batch requeued by an interrupted earlier attempt
+        # may come back after the ones behind it.
+        messages: list[AbstractIncomingMessage] = []
+        batches: list[Batch] = []
         while (message := await self.journal.get(no_ack=False, fail=False, timeout=self.settings.backend_timeout)):
+            messages.append(message)
             batch = await self._parse(message)
             if batch is not None:
-                first, last = _seqs(batch)
-                if first != head + 1 and last > head:
-                    log.error("journal batch %s (seqs %d-%d) does not follow the log head %d", batch.batch_id,
-                              first, last, head)
-                await self.log.write(batch)
-                await self.log.mark_journaled(last)
-                head, journaled = max(head, last), max(journaled, last)
-                drained += 1
+                batches.append(batch)
+        batches.sort(key=lambda b: _seqs(b)[0])
+        for batch in batches:
+            first, last = _seqs(batch)
+            if first > head + 1:
+                log.error("journal batch %s (seqs %d-%d) does not follow the log head %d: seqs %d-%d are lost",
+                          batch.batch_id, first, last, head, head + 1, first - 1)
+            await self.log.write(batch)
+            await self.log.mark_journaled(last)
+            head, journaled = max(head, last), max(journaled, last)
+        for message in messages:
             await message.ack()
+        drained = len(batches)
         self.next_seq = head + 1
         self.logged_through = head
         self.known.clear()
@@ -494,13 +502,15 @@ class Ingest:
 
         A client binds its queue, then asks for the manifest: each event must be in one or the
         other. A batch published before the bind but logged after the snapshot would be in
-        neither, since publication runs ahead of the log.
+        neither, since publication runs ahead of the log. While log-degraded the journal keeper
+        is catching up: the request waits for it too (answering 503 at once only made every
+        client back off, and converge that much later once the log had caught up).
         """
         deadline = time.monotonic() + timeout
         while self.logged_through < seq:
-            if self.degraded or time.monotonic() > deadline:
+            if time.monotonic() > deadline:
                 raise Unavailable(f"the log is catching up (at seq {self.logged_through} of {seq})")
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01 if not self.degraded else 0.1)
 
     async def manifest(self) -> tuple[IO[bytes], int, int]:
         """A consistent snapshot, spooled under the log lock: (NDJSON entries, seq, count)."""

@@ -41,6 +41,8 @@ REPORT_EVERY = 1.0
 #: Seconds in-flight work may finish after SIGTERM before it is abandoned (and redelivered later).
 SHUTDOWN_GRACE = 1.0
 MAX_BACKOFF = 30.0
+#: A resync waits on the interface (its manifest); retried often, so that it ends soon after that is back.
+RESYNC_MAX_DELAY = 5.0
 
 _RESYNC = object()  # an inbox item: apply failed somewhere, repair from the manifest
 _AMQP_ERRORS = (aio_pika.exceptions.AMQPError, ConnectionError, OSError, RuntimeError)
@@ -293,7 +295,7 @@ class Client:
             except (ResyncFailed, APIError, OSError) as exc:
                 log.error("resync failed: %s; retrying in %.0fs", exc, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, MAX_BACKOFF)
+                delay = min(delay * 2, RESYNC_MAX_DELAY)
         self.applied = self.dispatched = max(self.applied, seq)
         self._done.clear()
         self._hold = None

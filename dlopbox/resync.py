@@ -31,7 +31,7 @@ from .tree import Tree, diff, scan
 
 log = logging.getLogger("dlopbox.client")
 
-MAX_FETCH_BACKOFF = 30.0
+MAX_FETCH_BACKOFF = 5.0  # the interface itself holds a manifest request while its log catches up
 
 
 class ResyncFailed(RuntimeError):

@@ -8,6 +8,7 @@ never sits in memory as one JSON document.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from .tree import Tree
 
 
 SPOOL_CHUNK = 1024 * 1024
+#: The interface holds a manifest request while its log catches up (up to 30 s by default).
+MANIFEST_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60)
 
 
 class APIError(RuntimeError):
@@ -54,16 +57,21 @@ class InterfaceAPI:
                 entries.append(entry)
         return Manifest(seq, Tree(entries))
 
-    async def stream_manifest(self) -> AsyncIterator[tuple[int, Entry | None]]:
-        """Yield (seq, None) for the header, then (seq, entry) for each entry, as they arrive."""
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60)
-        async with self.session.get(self._url("manifest"), headers=self.headers, timeout=timeout) as response:
+    @contextlib.asynccontextmanager
+    async def _manifest_response(self) -> AsyncIterator[tuple[aiohttp.ClientResponse, int, int]]:
+        """GET /manifest, its header line read: (the response, positioned on the entries, seq, count)."""
+        async with self.session.get(self._url("manifest"), headers=self.headers, timeout=MANIFEST_TIMEOUT) as response:
             await _check(response)
             header = _decode_line(await response.content.readline())
             try:
                 seq, count = int(header["seq"]), int(header["count"])
             except (KeyError, TypeError, ValueError):
                 raise APIError(f"malformed manifest header: {header!r}") from None
+            yield response, seq, count
+
+    async def stream_manifest(self) -> AsyncIterator[tuple[int, Entry | None]]:
+        """Yield (seq, None) for the header, then (seq, entry) for each entry, as they arrive."""
+        async with self._manifest_response() as (response, seq, count):
             yield seq, None
             received = 0
             while True:
@@ -87,14 +95,7 @@ class InterfaceAPI:
         Spooling to disk keeps memory flat for 100,000 entries and frees the interface at once,
         however long the downloads the manifest asks for will take.
         """
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60)
-        async with self.session.get(self._url("manifest"), headers=self.headers, timeout=timeout) as response:
-            await _check(response)
-            header = _decode_line(await response.content.readline())
-            try:
-                seq, count = int(header["seq"]), int(header["count"])
-            except (KeyError, TypeError, ValueError):
-                raise APIError(f"malformed manifest header: {header!r}") from None
+        async with self._manifest_response() as (response, seq, count):
             buffered: list[bytes] = []
             size = 0
             async for chunk in response.content.iter_chunked(SPOOL_CHUNK):

@@ -30,7 +30,8 @@ from collections.abc import Callable
 import aiohttp
 import yarl
 
-from .events import Batch, Entry, Event, EventError, Op
+from .api import APIError, InterfaceAPI
+from .events import Batch, Event, Op
 from .paths import is_within
 from .tree import Tree
 
@@ -41,7 +42,6 @@ BACKOFF_MAX_S = 2.0
 #: Answers worth retrying: the interface (or what is in front of it) is not ready yet.
 RETRY_STATUSES = frozenset({401, 403, 408, 425, 429})
 REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=60, sock_connect=5)
-MANIFEST_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=60)
 FAILURE_LOG_EVERY_S = 10.0
 #: The longest a batch stays open while a burst lasts.
 BURST_WINDOW_MAX_S = 0.1
@@ -163,6 +163,7 @@ class Delivery:
         self.session = session
         self.base = yarl.URL(interface_url)
         self.headers = {"Authorization": f"Bearer {token}"}
+        self.api = InterfaceAPI(session, interface_url, token)
         self.batch_s = batch_ms / 1000
         self.batch_max = max(1, batch_max)
         self.buffer_max = max(self.batch_max, buffer_max)
@@ -425,41 +426,12 @@ class Delivery:
                 return await self._manifest_once()
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                 self._failed(f"GET /manifest failed: {type(exc).__name__}: {exc}")
-            except ManifestError as exc:
+            except APIError as exc:
                 self._failed(f"GET /manifest: {exc}")
             await asyncio.sleep(delay)
             delay = min(delay * 2, BACKOFF_MAX_S)
 
     async def _manifest_once(self) -> Tree:
-        async with self.session.get(self.base / "manifest", headers=self.headers, timeout=MANIFEST_TIMEOUT) as response:
-            if response.status != 200:
-                raise ManifestError(f"answered {response.status}: {(await response.text(errors='replace'))[:300]}")
-            header = _json_line(await response.content.readline())
-            try:
-                count = int(header["count"])
-            except (KeyError, TypeError, ValueError):
-                raise ManifestError(f"malformed header {header!r}") from None
-            tree = Tree()
-            while line := await response.content.readline():
-                if not line.strip():
-                    continue
-                try:
-                    entry = Entry.from_dict(_json_line(line))
-                except EventError as exc:
-                    raise ManifestError(f"malformed entry: {exc}") from None
-                tree.entries[entry.path] = entry
-            if len(tree) != count:
-                raise ManifestError(f"announced {count} entries but sent {len(tree)}")
+        tree = (await self.api.manifest()).tree
         self._succeeded(1)
         return tree
-
-
-class ManifestError(RuntimeError):
-    """The manifest did not arrive whole and well-formed."""
-
-
-def _json_line(line: bytes) -> object:
-    try:
-        return json.loads(line)
-    except ValueError as exc:
-        raise ManifestError(f"malformed line: {exc}") from None

@@ -14,10 +14,11 @@ import os
 import re
 import stat
 from collections.abc import Iterable, Iterator
+from typing import Any
 from pathlib import Path
 
 from .events import Entry, Event, Op
-from .paths import UnsafePathError, check_relpath, is_reserved
+from .paths import UnsafePathError, check_relpath, is_reserved, parent_of
 
 HASH_CHUNK = 1024 * 1024
 
@@ -53,11 +54,65 @@ def entry_from_stat(path: str, st: os.stat_result, digest: str | None = None, se
                  digest=digest, seq=seq)
 
 
+class Entries(dict[str, Entry]):
+    """path -> Entry, with each directory's children indexed as entries come and go.
+
+    Every way of changing the dict keeps the index, so a subtree is found without a scan of
+    every path (a directory moved or removed in a tree of 10^5 entries).
+    """
+
+    def __init__(self, entries: Iterable[Entry] = ()) -> None:
+        super().__init__()
+        self.children: dict[str, set[str]] = {}
+        for entry in entries:
+            self[entry.path] = entry
+
+    def __setitem__(self, path: str, entry: Entry) -> None:
+        if path not in self:
+            self.children.setdefault(parent_of(path), set()).add(path)
+        super().__setitem__(path, entry)
+
+    def __delitem__(self, path: str) -> None:
+        super().__delitem__(path)
+        self._unindex(path)
+
+    def pop(self, path: str, *default: Any) -> Any:  # type: ignore[override]
+        if path in self:
+            self._unindex(path)
+        return super().pop(path, *default)
+
+    def popitem(self) -> tuple[str, Entry]:
+        path, entry = super().popitem()
+        self._unindex(path)
+        return path, entry
+
+    def setdefault(self, path: str, default: Entry) -> Entry:  # type: ignore[override]
+        if path not in self:
+            self[path] = default
+        return self[path]
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        for path, entry in dict(*args, **kwargs).items():
+            self[path] = entry
+
+    def clear(self) -> None:
+        super().clear()
+        self.children.clear()
+
+    def _unindex(self, path: str) -> None:
+        parent = parent_of(path)
+        siblings = self.children.get(parent)
+        if siblings is not None:
+            siblings.discard(path)
+            if not siblings:
+                del self.children[parent]
+
+
 class Tree:
     """Entries by relative path; every parent of an entry is itself an entry."""
 
     def __init__(self, entries: Iterable[Entry] = ()) -> None:
-        self.entries: dict[str, Entry] = {e.path: e for e in entries}
+        self.entries = Entries(entries)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -72,9 +127,31 @@ class Tree:
         return self.entries.get(path)
 
     def below(self, directory: str) -> Iterator[str]:
-        """Every path strictly below ``directory`` (a scan; trees here are at most ~10^5)."""
-        prefix = directory + "/"
-        return (p for p in list(self.entries) if p.startswith(prefix))
+        """Every path strictly below ``directory``, parents before their children (a snapshot)."""
+        found: list[str] = []
+        stack = [directory]
+        children = self.entries.children
+        while stack:
+            for child in children.get(stack.pop(), ()):
+                found.append(child)
+                stack.append(child)
+        return iter(found)
+
+    def subtree(self, path: str) -> list[Entry]:
+        """The entry at ``path`` and every entry below it ("" is the whole tree)."""
+        if not path:
+            return list(self.entries.values())
+        top = self.entries.get(path)
+        if top is None:
+            return []
+        return [top, *(self.entries[p] for p in self.below(path))]
+
+    def is_dir(self, path: str) -> bool:
+        """True for "" (the root) and for known directories."""
+        if not path:
+            return True
+        entry = self.entries.get(path)
+        return entry is not None and entry.is_dir
 
     def apply(self, event: Event) -> None:
         """Change the tree as the master did; idempotent, and tolerant of missing entries."""

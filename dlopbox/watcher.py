@@ -94,75 +94,6 @@ async def run(settings: WatcherSettings, *, stop: asyncio.Event) -> None:
 # -- what the slaves have been told -------------------------------------------------------------
 
 
-class _Entries(dict[str, Entry]):
-    """path -> Entry, with each directory's children indexed as entries come and go.
-
-    Tree.apply changes ``entries`` only by item assignment, ``pop`` and ``del``: those keep the index.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.children: dict[str, set[str]] = {}
-
-    def __setitem__(self, path: str, entry: Entry) -> None:
-        if path not in self:
-            self.children.setdefault(parent_of(path), set()).add(path)
-        super().__setitem__(path, entry)
-
-    def __delitem__(self, path: str) -> None:
-        super().__delitem__(path)
-        self._unindex(path)
-
-    def pop(self, path: str, *default: Any) -> Any:  # type: ignore[override]
-        if path in self:
-            self._unindex(path)
-        return super().pop(path, *default)
-
-    def _unindex(self, path: str) -> None:
-        parent = parent_of(path)
-        siblings = self.children.get(parent)
-        if siblings is not None:
-            siblings.discard(path)
-            if not siblings:
-                del self.children[parent]
-
-
-class KnownTree(Tree):
-    """A :class:`Tree` that finds a directory's subtree through an index, not a scan of every path."""
-
-    def __init__(self, entries: Iterable[Entry] = ()) -> None:
-        super().__init__()
-        self._index = _Entries()
-        self.entries = self._index
-        for entry in entries:
-            self._index[entry.path] = entry
-
-    def below(self, directory: str) -> Iterator[str]:
-        found: list[str] = []
-        stack = [directory]
-        while stack:
-            for child in self._index.children.get(stack.pop(), ()):
-                found.append(child)
-                stack.append(child)
-        return iter(found)
-
-    def subtree(self, path: str) -> list[Entry]:
-        """The entry at ``path`` and every entry below it ("" is the whole tree)."""
-        if not path:
-            return list(self.entries.values())
-        top = self.entries.get(path)
-        if top is None:
-            return []
-        return [top, *(self.entries[p] for p in self.below(path))]
-
-    def is_dir(self, path: str) -> bool:
-        """True for "" (the root) and for known directories."""
-        if not path:
-            return True
-        entry = self.entries.get(path)
-        return entry is not None and entry.is_dir
-
-
 # -- disk work, run in the hash pool --------------------------------------------------------------
 
 
@@ -589,7 +520,7 @@ class Watcher:
         self.root = Path(settings.root)
         self._root = str(self.root)
         self.ignore = Ignore(settings.ignore)
-        self.known = KnownTree()
+        self.known = Tree()
         self.delivery = Delivery(session, settings.interface_url, settings.token, batch_ms=settings.batch_ms,
                                  batch_max=settings.batch_max, buffer_max=settings.buffer_max,
                                  on_lost=self._wake_releaser)
@@ -956,7 +887,7 @@ class Watcher:
         self._discard_queued()
         previous: Tree = self.known if len(self.known) else manifest
         result = await self._in_pool(scan_path, self.root, "", self.ignore, previous, self._abort)
-        self.known = KnownTree(manifest.entries.values())
+        self.known = Tree(manifest.entries.values())
         self._needs_manifest = False
         self.delivery.resume()
         self.reconciles += 1

@@ -170,6 +170,7 @@ up() {
     exists "$project-rabbit-definitions" && docker rm "$project-rabbit-definitions" >/dev/null
     run docker run --rm --name "$project-rabbit-definitions" --label "$label" --network none \
         -e RABBITMQ_ADMIN_PASSWORD -e RABBITMQ_INTERFACE_PASSWORD -e RABBITMQ_CLIENT_PASSWORD \
+        -e DLOPBOX_CLIENT_QUEUE_EXPIRES_DAYS="${DLOPBOX_CLIENT_QUEUE_EXPIRES_DAYS:-7}" \
         -v "$project-rabbit-definitions:/definitions" \
         dlopbox:latest sh -c 'umask 022 && dlopbox broker-definitions > /definitions/.new.json && mv /definitions/.new.json /definitions/definitions.json'
 

@@ -30,6 +30,11 @@ QUEUE_PREFIX = "dlopbox.client."
 JOURNAL_QUEUE = "dlopbox.journal"
 _CLIENT_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,200}")
 QUORUM = {"x-queue-type": "quorum"}
+#: A client queue nobody has consumed for this long is deleted by RabbitMQ (a policy), so slaves
+#: that are gone for good (a container recreated under a new id) do not fill the broker forever.
+#: A client that comes back later finds its queue gone and resyncs from the manifest.
+CLIENT_QUEUE_EXPIRES_DAYS = 7.0
+_DAY_MS = 24 * 3600 * 1000
 
 
 def queue_name(client_id: str) -> str:
@@ -72,12 +77,14 @@ def password_hash(password: str, salt: bytes | None = None) -> str:
     return base64.b64encode(salt + hashlib.sha256(salt + password.encode()).digest()).decode()
 
 
-def definitions(passwords: Mapping[str, str], exchange: str = "dlopbox.events") -> dict[str, Any]:
+def definitions(passwords: Mapping[str, str], exchange: str = "dlopbox.events",
+                client_queue_expires_ms: int = int(CLIENT_QUEUE_EXPIRES_DAYS * _DAY_MS)) -> dict[str, Any]:
     """The broker's whole configuration: vhost, exchange, three users, least-privilege permissions.
 
     ``passwords`` maps each of ADMIN_USER, INTERFACE_USER and CLIENT_USER to its password.
     Clients may declare, bind and consume ``dlopbox.client.*`` queues, and read the exchange,
-    but have no write permission on any exchange: a compromised slave cannot publish.
+    but have no write permission on any exchange: a compromised slave cannot publish. A policy
+    deletes a client queue left unused for ``client_queue_expires_ms``.
     """
     ex = re.escape(exchange)
     journal = re.escape(JOURNAL_QUEUE)
@@ -106,15 +113,27 @@ def definitions(passwords: Mapping[str, str], exchange: str = "dlopbox.events") 
                     "arguments": QUORUM}],
         "bindings": [{"source": exchange, "vhost": VHOST, "destination": JOURNAL_QUEUE,
                       "destination_type": "queue", "routing_key": "", "arguments": {}}],
+        "policies": [{"vhost": VHOST, "name": "dlopbox-client-queues-expire", "pattern": f"^{clients}$",
+                      "apply-to": "queues", "priority": 0, "definition": {"expires": client_queue_expires_ms}}],
     }
 
 
 def definitions_from_env(environ: Mapping[str, str], exchange: str = "dlopbox.events") -> str:
-    """Definitions JSON from RABBITMQ_ADMIN_PASSWORD, RABBITMQ_INTERFACE_PASSWORD, RABBITMQ_CLIENT_PASSWORD."""
+    """Definitions JSON from RABBITMQ_ADMIN_PASSWORD, RABBITMQ_INTERFACE_PASSWORD, RABBITMQ_CLIENT_PASSWORD
+    and DLOPBOX_CLIENT_QUEUE_EXPIRES_DAYS (default 7)."""
+    from .settings import SettingsError
+
     names = {ADMIN_USER: "RABBITMQ_ADMIN_PASSWORD", INTERFACE_USER: "RABBITMQ_INTERFACE_PASSWORD", CLIENT_USER: "RABBITMQ_CLIENT_PASSWORD"}
     missing = [env for env in names.values() if not environ.get(env)]
     if missing:
-        from .settings import SettingsError
-
         raise SettingsError(f"{', '.join(missing)} must be set")
-    return json.dumps(definitions({user: environ[env] for user, env in names.items()}, exchange), indent=2)
+    raw = environ.get("DLOPBOX_CLIENT_QUEUE_EXPIRES_DAYS") or str(CLIENT_QUEUE_EXPIRES_DAYS)
+    try:
+        days = float(raw)
+    except ValueError:
+        days = float("nan")
+    if not 0 < days <= 3650:
+        raise SettingsError(f"DLOPBOX_CLIENT_QUEUE_EXPIRES_DAYS={raw!r}: must be a number of days, above 0 and "
+                            "at most 3650")
+    passwords = {user: environ[env] for user, env in names.items()}
+    return json.dumps(definitions(passwords, exchange, int(days * _DAY_MS)), indent=2)

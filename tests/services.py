@@ -115,7 +115,7 @@ class RabbitNode(_Process):
     name = "rabbitmq"
     startup_timeout = 90.0
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, client_queue_expires_ms: int | None = None) -> None:
         super().__init__(workdir)
         self.port = free_port()
         self.dist_port = free_port()
@@ -124,7 +124,8 @@ class RabbitNode(_Process):
         self.passwords = {user: "".join(secrets.choice(alphabet) for _ in range(20))
                           for user in (broker.ADMIN_USER, broker.INTERFACE_USER, broker.CLIENT_USER)}
         (workdir / "home").mkdir(exist_ok=True)
-        (workdir / "definitions.json").write_text(json.dumps(broker.definitions(self.passwords)))
+        extra = {} if client_queue_expires_ms is None else {"client_queue_expires_ms": client_queue_expires_ms}
+        (workdir / "definitions.json").write_text(json.dumps(broker.definitions(self.passwords, **extra)))
         (workdir / "enabled_plugins").write_text("[].\n")
         (workdir / "rabbitmq.conf").write_text(
             f"listeners.tcp.default = 127.0.0.1:{self.port}\n"

@@ -25,8 +25,12 @@ from .paths import resolve
 
 log = logging.getLogger("dlopbox.client")
 
-#: Seconds a write whose bytes do not match waits for a newer event to explain it before the client resyncs.
+#: Seconds the client waits for a newer event to explain a write whose bytes are gone before it resyncs.
 STALE_PATIENCE = 20.0
+#: Seconds a write whose bytes are gone waits here (for news) before it is left to the client to watch:
+#: holding its place longer would hold every later acknowledgement, so the queue would stop
+#: delivering (prefetch) the very event that explains it.
+EXPLAIN_WAIT = 1.0
 MAX_BACKOFF = 5.0
 
 
@@ -34,6 +38,15 @@ class Outcome(enum.Enum):
     APPLIED = "applied"
     SKIPPED = "skipped"  # superseded: a newer event brings the newer state
     RESYNC = "resync"  # the local tree cannot follow this event: make it equal to the manifest
+
+
+class Unexplained(Exception):
+    """A write's bytes are gone from the master and no newer event explains it yet: one should
+    follow (the caller watches for it). ``path`` is where the bytes were last known to be."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.path = path
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,13 +91,15 @@ class Applier:
         raise AssertionError(event.op)
 
     async def write(self, event: Event, *, resync: bool = False) -> Outcome:
+        """Install the event's version; raises :class:`Unexplained` if its bytes are gone and nothing
+        known yet says why."""
         assert event.size is not None and event.digest is not None and event.mode is not None
         assert event.mtime_ns is not None
         final = resolve(self.target, event.path)
         version = FileVersion(event.size, event.digest, event.mode, event.mtime_ns)
         source = event.path
         stale_since: float | None = None
-        delay = 0.2
+        delay = 0.1
         while True:
             try:
                 await self.downloader.install(source, final, version)
@@ -105,10 +120,10 @@ class Applier:
                     continue
                 now = time.monotonic()
                 stale_since = now if stale_since is None else stale_since
-                if now - stale_since > STALE_PATIENCE:
-                    log.error("seq %s write %s: %s, and no newer event explains it after %.0fs; "
-                              "will resync from the manifest", event.seq, event.path, exc, now - stale_since)
-                    return Outcome.RESYNC
+                if now - stale_since > EXPLAIN_WAIT:
+                    log.info("seq %s write %s: %s; no newer event explains it yet, watching for one",
+                             event.seq, event.path, exc)
+                    raise Unexplained(source)
                 # Most likely its newer event is still on its way: wake as soon as it arrives.
                 log.debug("seq %s %s: %s; no newer event known yet, retrying within %.1fs", event.seq, event.path,
                           exc, delay)

@@ -21,9 +21,9 @@ import aio_pika
 import aiohttp
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
-from . import broker
+from . import apply, broker
 from .api import APIError, InterfaceAPI
-from .apply import Applier, Fate, Outcome
+from .apply import Applier, Fate, Outcome, Unexplained
 from .download import Downloader
 from .events import Batch, Event, EventError, Op
 from .paths import UnsafePathError, is_within
@@ -67,6 +67,9 @@ class Client:
         self._done: set[int] = set()  # seqs applied out of order, above ``applied``
         self._hold: int | None = None  # after a failure, nothing past this is persisted until a resync
         self._resync_requested = False
+        #: Writes whose bytes were gone with nothing to explain it yet: path -> (seq, deadline). A later
+        #: event affecting the path explains it; past the deadline the client resyncs.
+        self._unexplained: dict[str, tuple[int, float]] = {}
         self._acks: list[tuple[int, int, AbstractIncomingMessage]] = []  # heap by last_seq
         self._held: list[tuple[int, int, Batch, AbstractIncomingMessage]] = []  # heap by first_seq
         self._gap_deadline: float | None = None
@@ -128,7 +131,8 @@ class Client:
         consumer: list[str] = []
         work = asyncio.create_task(self._work(queue, fresh, consumer), name="consume")
         helpers = [asyncio.create_task(self._persist_loop(), name="persist"),
-                   asyncio.create_task(self._report_loop(), name="report")]
+                   asyncio.create_task(self._report_loop(), name="report"),
+                   asyncio.create_task(self._unexplained_loop(), name="unexplained")]
         stopping = asyncio.create_task(stop.wait(), name="stop")
         try:
             await asyncio.wait({work, stopping, *helpers}, return_when=asyncio.FIRST_COMPLETED)
@@ -245,6 +249,8 @@ class Client:
             assert event.seq is not None
             if event.seq <= self.dispatched:
                 continue
+            if self._unexplained:
+                self._explained_by(event)
             await self.scheduler.submit(event, self._apply)
             self.dispatched = event.seq
         assert batch.last_seq is not None
@@ -255,6 +261,9 @@ class Client:
         assert event.seq is not None
         try:
             outcome = await self.applier.apply(event)
+        except Unexplained as exc:
+            self._watch_for_explanation(exc.path, event.seq)
+            outcome = Outcome.SKIPPED
         except UnsafePathError as exc:
             log.error("REFUSED seq %d %s %r%s: %s", event.seq, event.op, event.path,
                       f" -> {event.dest!r}" if event.dest else "", exc)
@@ -298,6 +307,7 @@ class Client:
                 delay = min(delay * 2, RESYNC_MAX_DELAY)
         self.applied = self.dispatched = max(self.applied, seq)
         self._done.clear()
+        self._unexplained.clear()  # the manifest brought whatever those writes were missing
         self._hold = None
         self._resync_requested = False
         self._synced = True
@@ -305,10 +315,49 @@ class Client:
 
     # -- what became of a write whose bytes are gone -----------------------------------------
 
+    def _watch_for_explanation(self, path: str, seq: int) -> None:
+        """Go on without the write; a newer event about ``path`` should follow, or the client resyncs."""
+        if any(_explains(later, path) for later in self.scheduler.later_events(path, seq)):
+            return  # it arrived meanwhile
+        deadline = asyncio.get_running_loop().time() + apply.STALE_PATIENCE
+        previous = self._unexplained.get(path)
+        self._unexplained[path] = (seq, deadline if previous is None else min(previous[1], deadline))
+
+    def _explained_by(self, event: Event) -> None:
+        assert event.seq is not None
+        for path, (seq, _) in list(self._unexplained.items()):
+            if event.seq > seq and _explains(event, path):
+                del self._unexplained[path]
+
+    async def _unexplained_loop(self) -> None:
+        """Resync once a write's bytes have stayed gone, unexplained, for STALE_PATIENCE."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(1.0)
+            now = loop.time()
+            overdue = [(path, seq) for path, (seq, deadline) in self._unexplained.items() if deadline <= now]
+            if not overdue:
+                continue
+            for path, seq in overdue:
+                # The interface's log may know what the queue has not delivered yet.
+                fate = await self._follow(path, seq)
+                if fate.superseded or fate.path != path:
+                    self._unexplained.pop(path, None)
+            overdue = [(path, seq) for path, seq in overdue if path in self._unexplained]
+            if overdue:
+                path, seq = min(overdue, key=lambda item: item[1])
+                log.error("seq %d: the master's bytes of %r are gone and no newer event explains it after %.0fs; "
+                          "resyncing from the manifest", seq, path, apply.STALE_PATIENCE)
+                for path, _ in overdue:
+                    del self._unexplained[path]
+                self._request_resync(seq)
+
     async def fate(self, event: Event) -> Fate:
         """Follow ``event.path`` through the later events held here, then those the interface logged."""
         assert event.seq is not None
-        path, after = event.path, event.seq
+        return await self._follow(event.path, event.seq)
+
+    async def _follow(self, path: str, after: int) -> Fate:
         while True:
             effect, cause = _first_effect(path, self.scheduler.later_events(path, after))
             if effect is None:
@@ -365,6 +414,11 @@ class Client:
 
 
 _GONE = object()
+
+
+def _explains(event: Event, path: str) -> bool:
+    """Whether ``event`` can account for the master's bytes at ``path`` being gone or different."""
+    return event.op is not Op.ATTRIB and event.op is not Op.MKDIR and event.affects(path)
 
 
 def _first_effect(path: str, later: list[Event]) -> tuple[object, Event | None]:

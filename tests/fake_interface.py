@@ -120,12 +120,14 @@ class FakeMaster:
     def abs(self, path: str) -> Path:
         return self.root / path
 
-    async def publish(self, *events: Event, seq: int | None = None) -> Batch:
-        """Number ``events`` from ``seq`` (default: the next) and publish them as one message."""
+    async def publish(self, *events: Event, seq: int | None = None, logged: bool = True) -> Batch:
+        """Number ``events`` from ``seq`` (default: the next) and publish them as one message
+        (not in the log yet with ``logged=False``, as when the interface's log lags)."""
         first = self.interface.head + 1 if seq is None else seq
         self._batches += 1
         batch = Batch(f"b{self._batches}-{secrets.token_hex(4)}", tuple(events)).numbered(first)
-        self.interface.events.extend(batch.events)
+        if logged:
+            self.interface.events.extend(batch.events)
         self.interface.head = max(self.interface.head, batch.last_seq or 0)
         await self.exchange.publish(broker.batch_message(batch), routing_key="")
         return batch

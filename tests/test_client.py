@@ -280,6 +280,31 @@ async def test_a_write_whose_directory_the_master_moved_since_is_fetched_from_th
         assert m.interface.manifest_requests == requests
 
 
+async def test_a_write_whose_explanation_is_far_behind_in_the_queue_does_not_stall_it(
+        upstream: FakeMaster, make_settings, client_queues, shared_dir, tmp_path, monkeypatch):
+    """Its bytes are gone (deleted on the master) and the delete comes many messages later, more than
+    the prefetch, and is not in the interface's log yet: the client must go on (acknowledging) until
+    it arrives, not hold every acknowledgement (so the broker stops delivering) and resync."""
+    from dlopbox import apply
+    monkeypatch.setattr(apply, "STALE_PATIENCE", 120.0)
+    m = upstream
+    slave = tmp_path / "slave"
+    async with running(make_settings(client_queues[0], slave, prefetch=4)):
+        await wait_synced(slave)
+        requests = m.interface.manifest_requests
+        gone = m.write("gone.txt", b"deleted before any slave could fetch it")
+        deleted = m.delete("gone.txt")
+        others = [m.mkdir("other"), *(m.write(f"other/f{i}", b"x" * i) for i in range(12))]
+        started = time.monotonic()
+        await m.publish(gone)
+        await m.publish_each(others)  # one message each: three times the prefetch
+        await m.publish(deleted, logged=False)
+        await wait_equal(shared_dir, slave, timeout=20)
+        assert time.monotonic() - started < 20, "the client waited for the explanation instead of going on"
+        await wait_progress(m.interface, client_queues[0], m.interface.head)
+        assert m.interface.manifest_requests == requests, "it resynced instead of following the queue"
+
+
 async def test_write_whose_bytes_never_match_forces_a_resync(upstream: FakeMaster, make_settings, client_queues,
                                                              shared_dir, tmp_path, monkeypatch):
     from dlopbox import apply

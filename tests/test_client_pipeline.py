@@ -114,7 +114,9 @@ async def test_every_operation_reaches_three_slaves(pipeline: Pipeline, tmp_path
         out = io.StringIO()
         assert await tools.status(p.client_settings(0), out) == 0
         rows = [line.split() for line in out.getvalue().splitlines()[1:-1]]
-        return sorted(r[0] for r in rows) == sorted(p.client_ids) and all(r[1:3] == [str(head), "0"] for r in rows)
+        # Lag 0 against the interface's head; at least the seq slave 1 had on disk when the trees matched.
+        return sorted(r[0] for r in rows) == sorted(p.client_ids) and all(
+            int(r[1]) >= head and r[2] == "0" for r in rows)
     deadline = asyncio.get_running_loop().time() + 30
     while not await everyone_reported():
         assert asyncio.get_running_loop().time() < deadline, "status never showed every client caught up"

@@ -240,8 +240,13 @@ class Deployment(Compose):
             case.details["inherited"] = sorted(case.inherited)[:20]
         return case
 
-    def settle(self, case: Case, clients: list[str] | None = None, timeout: float = CONVERGE_TIMEOUT) -> Settled:
-        """Every check of issue 7, once the churn has stopped; fills ``case`` as it measures."""
+    def settle(self, case: Case, clients: list[str] | None = None, timeout: float = CONVERGE_TIMEOUT,
+               redundant_ok: bool = False) -> Settled:
+        """Every check of issue 7, once the churn has stopped; fills ``case`` as it measures.
+
+        ``redundant_ok``: events with no effect on the replay (a version sent twice) are counted,
+        not refused: after an inotify overflow the kernel's stale events race the rescan.
+        """
         clients = self.containers("client") if clients is None else clients
         try:
             converge_s, want = self.wait_equal(clients, timeout, ignore=case.inherited)
@@ -270,7 +275,8 @@ class Deployment(Compose):
         assert not audit["batch_problems"], f"batches in the log: {audit['batch_problems']}"
         assert not replay_diff, f"the log replayed differs from the master: {describe_difference(want, audit['tree'])}"
         assert not state_diff, f"the state collection differs from the log replayed at {sorted(state_diff)[:10]}"
-        assert audit["redundant_count"] == 0, f"events logged twice (no effect on replay): {audit['redundant']}"
+        assert redundant_ok or audit["redundant_count"] == 0, (
+            f"events logged twice (no effect on replay): {audit['redundant']}")
         leftovers = {c: files for c, files in self.temp_files().items() if files}
         assert not leftovers, f"temp files left: {leftovers}"
         return Settled(converge_s, audit["count"], audit["redundant_count"], len(want))

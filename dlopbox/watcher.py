@@ -957,6 +957,11 @@ class Watcher:
 
     async def remove(self, path: str, ts: float) -> None:
         old = self.known.get(path)
+        if old is not None and _lstat(self._path(path)) is not None:
+            # There again: recreated since, or a stale kernel event read after a rescan already saw
+            # the newer disk (inotify overflow). The disk decides, never the event.
+            await self._reconcile_paths((path,), ts)
+            return
         if old is not None:
             self._emit(Event(Op.RMDIR, path, is_dir=True, ts=ts) if old.is_dir else Event(Op.DELETE, path, ts=ts))
 

@@ -501,6 +501,21 @@ async def test_a_kernel_queue_overflow_ends_with_the_receivers_tree_equal_to_the
         await context.__aexit__(None, None, None)
 
 
+async def test_a_stale_removal_read_after_the_file_is_back_never_deletes_it(root: Path, receiver: Receiver):
+    """After a kernel queue overflow, events read after the rescan can be older than what it saw:
+    a delete of a file that exists again must not be sent (nothing later would correct it)."""
+    async with watching(root, receiver) as watcher:
+        (root / "a").write_bytes(b"version 1")
+        await wait_synced(receiver, root)
+        (root / "a").write_bytes(b"version 2, recreated")
+        await wait_synced(receiver, root)
+        sent = receiver.seq
+        await watcher.remove("a", time.time())  # as the stale IN_DELETE of version 1 would
+        await asyncio.sleep(0.5)
+        await wait_synced(receiver, root, timeout=5)
+        assert receiver.events(sent) == []
+
+
 async def test_a_restart_sends_the_changes_made_while_the_watcher_was_down(root: Path, receiver: Receiver):
     async with watching(root, receiver):
         for d in ("keep", "gone", "moved", "mode"):

@@ -15,6 +15,7 @@ import asyncio
 import heapq
 import itertools
 import logging
+from collections import deque
 from pathlib import Path
 
 import aio_pika
@@ -38,6 +39,7 @@ log = logging.getLogger("dlopbox.client")
 GAP_WAIT = 2.0
 MAX_GAP_WAIT = 60.0
 REPORT_EVERY = 1.0
+RECENT_EVENTS = 10_000
 #: Seconds in-flight work may finish after SIGTERM before it is abandoned (and redelivered later).
 SHUTDOWN_GRACE = 1.0
 MAX_BACKOFF = 30.0
@@ -70,6 +72,8 @@ class Client:
         #: Writes whose bytes were gone with nothing to explain it yet: path -> (seq, deadline). A later
         #: event affecting the path explains it; past the deadline the client resyncs.
         self._unexplained: dict[str, tuple[int, float]] = {}
+        #: The events dispatched last: one may already explain a write that finds its bytes gone.
+        self._recent: deque[Event] = deque(maxlen=RECENT_EVENTS)
         self._acks: list[tuple[int, int, AbstractIncomingMessage]] = []  # heap by last_seq
         self._held: list[tuple[int, int, Batch, AbstractIncomingMessage]] = []  # heap by first_seq
         self._gap_deadline: float | None = None
@@ -251,6 +255,7 @@ class Client:
                 continue
             if self._unexplained:
                 self._explained_by(event)
+            self._recent.append(event)
             await self.scheduler.submit(event, self._apply)
             self.dispatched = event.seq
         assert batch.last_seq is not None
@@ -317,8 +322,8 @@ class Client:
 
     def _watch_for_explanation(self, path: str, seq: int) -> None:
         """Go on without the write; a newer event about ``path`` should follow, or the client resyncs."""
-        if any(_explains(later, path) for later in self.scheduler.later_events(path, seq)):
-            return  # it arrived meanwhile
+        if any(later.seq is not None and later.seq > seq and _explains(later, path) for later in self._recent):
+            return  # it arrived meanwhile (applied already, or still waiting in the scheduler)
         deadline = asyncio.get_running_loop().time() + apply.STALE_PATIENCE
         previous = self._unexplained.get(path)
         self._unexplained[path] = (seq, deadline if previous is None else min(previous[1], deadline))
@@ -359,7 +364,9 @@ class Client:
 
     async def _follow(self, path: str, after: int) -> Fate:
         while True:
-            effect, cause = _first_effect(path, self.scheduler.later_events(path, after))
+            # Every event dispatched lately, applied or still pending, then the interface's log.
+            effect, cause = _first_effect(path, [e for e in self._recent if e.seq is not None and e.seq > after
+                                                 and e.affects(path)])
             if effect is None:
                 try:
                     logged = await self.api.events_since(after, prefix=path, limit=100)

@@ -90,16 +90,6 @@ class PathScheduler:
             self._unregister(job)
             self._slots.release()
 
-    def later_events(self, path: str, after_seq: int) -> list[Event]:
-        """Pending events with seq > ``after_seq`` touching ``path`` or one of its ancestors, by seq."""
-        found: dict[int, Event] = {}
-        for p in (path, *ancestors(path)):
-            for job in self._by_path.get(p, {}).values():
-                seq = job.event.seq
-                if seq is not None and seq > after_seq:
-                    found[seq] = job.event
-        return [found[k] for k in sorted(found)]
-
     async def drain(self) -> None:
         """Wait until every submitted job has finished."""
         await self._idle.wait()

@@ -80,7 +80,8 @@ class Downloader:
             await asyncio.to_thread(_install_bytes, final, version)
             self.counters.files += 1
             return
-        if await asyncio.to_thread(_already_there, final, version):
+        # Nothing there (the common case): no thread hop; a file there is hashed in a thread.
+        if _lstat(final) is not None and await asyncio.to_thread(_already_there, final, version):
             return
         async with self.slots:
             # Retried while holding the slot: when nginx is down, only `downloads` requests are
@@ -113,7 +114,6 @@ class Downloader:
 
     async def _stream_into(self, response: aiohttp.ClientResponse, source: str, final: Path,
                            version: FileVersion) -> None:
-        await asyncio.to_thread(_prepare_parent, final)
         sink = _TempFile(final)
         writing: asyncio.Future[None] | None = None
         loop = asyncio.get_running_loop()
@@ -160,13 +160,20 @@ class _TempFile:
     def __init__(self, final: Path) -> None:
         self.final = final
         self.path = final.parent / temp_name()
-        self.fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                      0o600)
+        self.fd: int | None = None  # opened by the first write, in the writer thread
         self.hash = hashlib.sha256()
         self.size = 0
         self.installed = False
 
+    def open(self) -> int:
+        if self.fd is None:
+            # Creating a file can wait for the journal that other threads' fsyncs are committing.
+            _prepare_parent(self.final)
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        return self.fd
+
     def write(self, pieces: list[bytes]) -> None:
+        self.open()
         assert self.fd is not None
         for piece in pieces:
             self.hash.update(piece)
@@ -184,6 +191,7 @@ class _TempFile:
         return self.hash.hexdigest()
 
     def install(self, version: FileVersion) -> None:
+        self.open()
         assert self.fd is not None
         os.fchmod(self.fd, version.mode)
         os.utime(self.fd, ns=(version.mtime_ns, version.mtime_ns))
@@ -220,13 +228,19 @@ def _replace(tmp: Path, final: Path) -> None:
 
 def _install_bytes(final: Path, version: FileVersion) -> None:
     """Install a version whose bytes are known (the empty file) without any transfer."""
-    _prepare_parent(final)
     sink = _TempFile(final)
     try:
         sink.install(version)
     finally:
         if not sink.installed:
             sink.discard()
+
+
+def _lstat(path: Path) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
 
 
 def _already_there(final: Path, version: FileVersion) -> bool:

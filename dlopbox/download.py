@@ -1,10 +1,13 @@
 """Streaming downloads from nginx, verified and installed atomically.
 
 A file is streamed in chunks into a hidden temp file next to its final name, hashed as it
-arrives, checked against the event's size and SHA-256, given its mode and mtime, flushed,
-and only then renamed over the final name: a slave never shows a partial or corrupt file.
-Memory stays bounded by a couple of chunks whatever the file size; writes and hashing run
-in a thread so a 1 GiB file never blocks the event loop.
+arrives, checked against the event's size and SHA-256 and given its mode and mtime. Then it
+waits for the next install round: every file verified by then is fsynced, back to back (the
+first fsync commits the filesystem journal for all of them), and only then renamed over its
+final name: a slave never shows a partial, corrupt or not yet durable file, and a burst of
+small files costs a few journal commits instead of one each. Memory stays bounded by a
+couple of chunks whatever the file size; writes, hashing and fsyncs run in threads so a
+1 GiB file never blocks the event loop.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import logging
 import os
 import shutil
 import stat
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +34,8 @@ log = logging.getLogger("dlopbox.client")
 EMPTY_DIGEST = hashlib.sha256(b"").hexdigest()
 _TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60)
 MAX_BACKOFF = 5.0
+#: Bytes written between two starts of writeback while a large file streams in.
+WRITEBACK_BYTES = 8 * 2**20
 
 
 class StaleContent(Exception):
@@ -65,6 +71,7 @@ class Downloader:
         self.chunk_bytes = max(4096, chunk_bytes)
         self.slots = asyncio.Semaphore(max(1, concurrency))
         self.counters = Counters()
+        self.installer = Installer()
 
     def url(self, path: str) -> yarl.URL:
         # Already percent-encoded: re-quoting would turn %3F back into '?' (a query string).
@@ -73,31 +80,34 @@ class Downloader:
     async def install(self, source: str, final: Path, version: FileVersion) -> None:
         """Download ``source`` (a relative path on the master) and install it at ``final``.
 
-        Raises :class:`StaleContent` when nginx does not have these bytes; transfer failures
-        are retried until they succeed (or the task is cancelled).
+        Returns once the file is durable under its final name. Raises :class:`StaleContent`
+        when nginx does not have these bytes; transfer failures are retried until they succeed
+        (or the task is cancelled).
         """
         if version.size == 0 and version.digest == EMPTY_DIGEST:
-            await asyncio.to_thread(_install_bytes, final, version)
-            self.counters.files += 1
-            return
-        # Nothing there (the common case): no thread hop; a file there is hashed in a thread.
-        if _lstat(final) is not None and await asyncio.to_thread(_already_there, final, version):
-            return
-        async with self.slots:
-            # Retried while holding the slot: when nginx is down, only `downloads` requests are
-            # in the air at a time, however many files wait.
-            delay = 0.2
-            while True:
-                try:
-                    await self._download(source, final, version)
-                    break
-                except TransferError as exc:
-                    log.warning("%s; retrying in %.1fs", exc, delay)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, MAX_BACKOFF)
+            sink = _TempFile(final)
+            await _settled(asyncio.to_thread(sink.write, [], version), sink)
+        else:
+            # Nothing there (the common case): no thread hop; a file there is hashed in a thread.
+            if _lstat(final) is not None and await asyncio.to_thread(_already_there, final, version):
+                return
+            async with self.slots:
+                # Retried while holding the slot: when nginx is down, only `downloads` requests are
+                # in the air at a time, however many files wait.
+                delay = 0.2
+                while True:
+                    try:
+                        sink = await self._download(source, final, version)
+                        break
+                    except TransferError as exc:
+                        log.warning("%s; retrying in %.1fs", exc, delay)
+                        await asyncio.sleep(delay)
+                        delay = min(delay * 2, MAX_BACKOFF)
+        # The slot is free while the file waits for its round: the next downloads go on meanwhile.
+        await _settled(self.installer.submit(sink), sink)
         self.counters.files += 1
 
-    async def _download(self, source: str, final: Path, version: FileVersion) -> None:
+    async def _download(self, source: str, final: Path, version: FileVersion) -> _TempFile:
         try:
             async with self.session.get(self.url(source), headers={"Accept-Encoding": "identity"},
                                         timeout=_TIMEOUT) as response:
@@ -108,50 +118,126 @@ class Downloader:
                     raise StaleContent(f"{source!r}: nginx answered {response.status}")
                 if response.content_length is not None and response.content_length != version.size:
                     raise StaleContent(f"{source!r}: {response.content_length} bytes served, {version.size} expected")
-                await self._stream_into(response, source, final, version)
+                return await self._stream_into(response, source, final, version)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise TransferError(f"{source!r}: {type(exc).__name__}: {exc}") from exc
 
     async def _stream_into(self, response: aiohttp.ClientResponse, source: str, final: Path,
-                           version: FileVersion) -> None:
+                           version: FileVersion) -> _TempFile:
+        """Stream the body into a temp file; return it complete, verified and sealed, not yet installed."""
         sink = _TempFile(final)
         writing: asyncio.Future[None] | None = None
         loop = asyncio.get_running_loop()
         try:
             pending: list[bytes] = []
             pending_size = received = 0
-            async for piece in response.content.iter_chunked(self.chunk_bytes):
+            async for piece, _ in response.content.iter_chunks():
+                # The pieces as the socket delivered them: read(n) would join them into a copy.
                 pending.append(piece)
                 pending_size += len(piece)
                 received += len(piece)
                 self.counters.bytes += len(piece)
                 if received > version.size:
                     raise StaleContent(f"{source!r}: more than the {version.size} bytes expected")
-                if pending_size >= self.chunk_bytes:
-                    # Two-stage pipeline: the thread writes chunk N while chunk N+1 is received.
+                if pending_size >= self.chunk_bytes and received < version.size:
+                    # Two-stage pipeline: the thread hashes and writes chunk N while chunk N+1 is received.
                     if writing is not None:
                         await writing
                     writing = loop.run_in_executor(None, sink.write, pending)
                     pending, pending_size = [], 0
             if writing is not None:
                 await writing
-                writing = None
-            if pending:
-                writing = loop.run_in_executor(None, sink.write, pending)
-                await writing
+            writing = loop.run_in_executor(None, sink.write, pending, version)
+            await writing
             if sink.size != version.size:
                 raise StaleContent(f"{source!r}: {sink.size} bytes received, {version.size} expected")
             if sink.hexdigest() != version.digest:
                 raise StaleContent(f"{source!r}: digest {sink.hexdigest()[:12]}... differs from the event's "
                                    f"{version.digest[:12]}...")
-            writing = loop.run_in_executor(None, sink.install, version)
-            await writing
-        finally:
+            return sink
+        except BaseException:
             if writing is not None and not writing.done():
                 # The thread may still be using the descriptor: never close it under its feet.
                 await asyncio.wait([writing])
-            if not sink.installed:
-                await asyncio.to_thread(sink.discard)
+            await asyncio.to_thread(sink.discard)
+            raise
+
+
+async def _settled(work: Awaitable[None], sink: _TempFile) -> None:
+    """Await ``work`` on ``sink``; on failure or cancellation, wait for its thread, then remove the temp file."""
+    task = asyncio.ensure_future(work)
+    try:
+        await asyncio.shield(task)
+    except BaseException:
+        if not task.done():
+            await asyncio.wait([task])  # cancelled meanwhile: the thread still holds the file
+        if not task.cancelled():
+            task.exception()  # seen: what is raised here is the cancellation, or this very error
+        if not sink.installed:
+            await asyncio.to_thread(sink.discard)
+        raise
+
+
+class Installer:
+    """Makes verified temp files durable and renames them into place, many per round.
+
+    A round takes every file submitted since the last one, fsyncs them back to back, then
+    renames each over its final name; files submitted meanwhile wait for the next round.
+    A lone file waits for nothing: the round starts at once.
+    """
+
+    def __init__(self) -> None:
+        self._ready: list[tuple[_TempFile, asyncio.Future[None]]] = []
+        self._rounds: asyncio.Task[None] | None = None
+        self.rounds = 0
+        self.files = 0
+
+    def submit(self, sink: _TempFile) -> asyncio.Future[None]:
+        """A future done once ``sink`` is durable under its final name (or with the OSError that prevented it)."""
+        done = asyncio.get_running_loop().create_future()
+        self._ready.append((sink, done))
+        if self._rounds is None:
+            self._rounds = asyncio.get_running_loop().create_task(self._run(), name="install")
+        return done
+
+    async def _run(self) -> None:
+        try:
+            while self._ready:
+                batch, self._ready = self._ready, []
+                errors = await asyncio.to_thread(_install_round, [sink for sink, _ in batch])
+                self.rounds += 1
+                self.files += len(batch)
+                for (_, done), error in zip(batch, errors):
+                    if done.done():
+                        continue
+                    if error is None:
+                        done.set_result(None)
+                    else:
+                        done.set_exception(error)
+        finally:
+            self._rounds = None
+            for _, done in self._ready:
+                done.cancel()
+            self._ready = []
+
+
+def _install_round(sinks: list[_TempFile]) -> list[OSError | None]:
+    """fsync every temp file, then rename each durable one into place (blocking)."""
+    errors: list[OSError | None] = []
+    for sink in sinks:
+        try:
+            sink.make_durable()
+            errors.append(None)
+        except OSError as exc:
+            errors.append(exc)
+    for i, sink in enumerate(sinks):
+        if errors[i] is None:
+            try:
+                _replace(sink.path, sink.final)
+                sink.installed = True
+            except OSError as exc:
+                errors[i] = exc
+    return errors
 
 
 class _TempFile:
@@ -160,21 +246,20 @@ class _TempFile:
     def __init__(self, final: Path) -> None:
         self.final = final
         self.path = final.parent / temp_name()
-        self.fd: int | None = None  # opened by the first write, in the writer thread
+        self.fd: int | None = None
+        self.created = False
         self.hash = hashlib.sha256()
         self.size = 0
+        self.written_back = 0  # bytes whose writeback has been started
         self.installed = False
 
-    def open(self) -> int:
+    def write(self, pieces: list[bytes], last: FileVersion | None = None) -> None:
+        """Hash and append ``pieces``; with ``last``, also give the file its attributes and close it."""
         if self.fd is None:
-            # Creating a file can wait for the journal that other threads' fsyncs are committing.
+            # Created in the writer thread: creating a file can wait for the journal another fsync commits.
             _prepare_parent(self.final)
             self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        return self.fd
-
-    def write(self, pieces: list[bytes]) -> None:
-        self.open()
-        assert self.fd is not None
+            self.created = True
         for piece in pieces:
             self.hash.update(piece)
         views = [memoryview(p) for p in pieces]
@@ -186,29 +271,37 @@ class _TempFile:
                 views.pop(0)
             if views and written:
                 views[0] = views[0][written:]
+        if last is not None:
+            os.fchmod(self.fd, last.mode)
+            os.utime(self.fd, ns=(last.mtime_ns, last.mtime_ns))
+        if last is not None or self.size - self.written_back >= WRITEBACK_BYTES:
+            # Start writing back now (asynchronously): the install round's fsync finds little left to do.
+            os.posix_fadvise(self.fd, self.written_back, 0, os.POSIX_FADV_DONTNEED)
+            self.written_back = self.size
+        if last is not None:
+            os.close(self.fd)
+            self.fd = None
 
     def hexdigest(self) -> str:
         return self.hash.hexdigest()
 
-    def install(self, version: FileVersion) -> None:
-        self.open()
-        assert self.fd is not None
-        os.fchmod(self.fd, version.mode)
-        os.utime(self.fd, ns=(version.mtime_ns, version.mtime_ns))
-        os.fsync(self.fd)
-        os.close(self.fd)
-        self.fd = None
-        _replace(self.path, self.final)
-        self.installed = True
+    def make_durable(self) -> None:
+        # Reopened here so that files waiting for a round hold no descriptor.
+        fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def discard(self) -> None:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        if self.created and not self.installed:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
 
 
 def _prepare_parent(final: Path) -> None:
@@ -224,16 +317,6 @@ def _replace(tmp: Path, final: Path) -> None:
     if st is not None and stat.S_ISDIR(st.st_mode):
         shutil.rmtree(final)
     os.replace(tmp, final)
-
-
-def _install_bytes(final: Path, version: FileVersion) -> None:
-    """Install a version whose bytes are known (the empty file) without any transfer."""
-    sink = _TempFile(final)
-    try:
-        sink.install(version)
-    finally:
-        if not sink.installed:
-            sink.discard()
 
 
 def _lstat(path: Path) -> os.stat_result | None:

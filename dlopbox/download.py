@@ -109,8 +109,9 @@ class Downloader:
 
     async def _download(self, source: str, final: Path, version: FileVersion) -> _TempFile:
         try:
+            # A chunk of read buffer: the socket keeps being read while the thread writes the last chunk.
             async with self.session.get(self.url(source), headers={"Accept-Encoding": "identity"},
-                                        timeout=_TIMEOUT) as response:
+                                        timeout=_TIMEOUT, read_bufsize=self.chunk_bytes) as response:
                 if response.status >= 500 or response.status in (408, 429):
                     raise TransferError(f"{source!r}: nginx answered {response.status}")
                 if response.status != 200:

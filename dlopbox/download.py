@@ -127,7 +127,7 @@ class Downloader:
                            version: FileVersion) -> _TempFile:
         """Stream the body into a temp file; return it complete, verified and sealed, not yet installed."""
         sink = _TempFile(final)
-        writing: asyncio.Future[None] | None = None
+        busy: list[asyncio.Future[None]] = []  # the threads working on the previous chunk
         loop = asyncio.get_running_loop()
         try:
             pending: list[bytes] = []
@@ -141,15 +141,16 @@ class Downloader:
                 if received > version.size:
                     raise StaleContent(f"{source!r}: more than the {version.size} bytes expected")
                 if pending_size >= self.chunk_bytes and received < version.size:
-                    # Two-stage pipeline: the thread hashes and writes chunk N while chunk N+1 is received.
-                    if writing is not None:
-                        await writing
-                    writing = loop.run_in_executor(None, sink.write, pending)
+                    # A pipeline: one thread hashes chunk N, another writes it, while chunk N+1 is received.
+                    for future in busy:
+                        await future
+                    busy = [loop.run_in_executor(None, sink.digest, pending),
+                            loop.run_in_executor(None, sink.write, pending)]
                     pending, pending_size = [], 0
-            if writing is not None:
-                await writing
-            writing = loop.run_in_executor(None, sink.write, pending, version)
-            await writing
+            for future in busy:
+                await future
+            busy = [loop.run_in_executor(None, sink.write, pending, version)]
+            await busy[0]
             if sink.size != version.size:
                 raise StaleContent(f"{source!r}: {sink.size} bytes received, {version.size} expected")
             if sink.hexdigest() != version.digest:
@@ -157,9 +158,9 @@ class Downloader:
                                    f"{version.digest[:12]}...")
             return sink
         except BaseException:
-            if writing is not None and not writing.done():
-                # The thread may still be using the descriptor: never close it under its feet.
-                await asyncio.wait([writing])
+            if any(not future.done() for future in busy):
+                # A thread may still be using the descriptor: never close it under its feet.
+                await asyncio.wait(busy)
             await asyncio.to_thread(sink.discard)
             raise
 
@@ -254,15 +255,19 @@ class _TempFile:
         self.written_back = 0  # bytes whose writeback has been started
         self.installed = False
 
+    def digest(self, pieces: list[bytes]) -> None:
+        for piece in pieces:
+            self.hash.update(piece)
+
     def write(self, pieces: list[bytes], last: FileVersion | None = None) -> None:
-        """Hash and append ``pieces``; with ``last``, also give the file its attributes and close it."""
+        """Append ``pieces``; with ``last`` (they end the file), also hash them, give the file its attributes, close it."""
         if self.fd is None:
             # Created in the writer thread: creating a file can wait for the journal another fsync commits.
             _prepare_parent(self.final)
             self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             self.created = True
-        for piece in pieces:
-            self.hash.update(piece)
+        if last is not None:
+            self.digest(pieces)
         views = [memoryview(p) for p in pieces]
         while views:
             written = os.writev(self.fd, views)

@@ -86,7 +86,7 @@ class Downloader:
         """
         if version.size == 0 and version.digest == EMPTY_DIGEST:
             sink = _TempFile(final)
-            await _settled(asyncio.to_thread(sink.write, [], version), sink)
+            await self._seal(sink, [], version)
         else:
             # Nothing there (the common case): no thread hop; a file there is hashed in a thread.
             if _lstat(final) is not None and await asyncio.to_thread(_already_there, final, version):
@@ -103,8 +103,9 @@ class Downloader:
                         log.warning("%s; retrying in %.1fs", exc, delay)
                         await asyncio.sleep(delay)
                         delay = min(delay * 2, MAX_BACKOFF)
-        # The slot is free while the file waits for its round: the next downloads go on meanwhile.
-        await _settled(self.installer.submit(sink), sink)
+        if not sink.installed:
+            # The slot is free while the file waits for its round: the next downloads go on meanwhile.
+            await _settled(self.installer.submit(sink), sink)
         self.counters.files += 1
 
     async def _download(self, source: str, final: Path, version: FileVersion) -> _TempFile:
@@ -149,13 +150,10 @@ class Downloader:
                     pending, pending_size = [], 0
             for future in busy:
                 await future
-            busy = [loop.run_in_executor(None, sink.write, pending, version)]
-            await busy[0]
-            if sink.size != version.size:
-                raise StaleContent(f"{source!r}: {sink.size} bytes received, {version.size} expected")
-            if sink.hexdigest() != version.digest:
-                raise StaleContent(f"{source!r}: digest {sink.hexdigest()[:12]}... differs from the event's "
-                                   f"{version.digest[:12]}...")
+            try:
+                await self._seal(sink, pending, version)
+            except StaleContent as exc:
+                raise StaleContent(f"{source!r}: {exc}") from None
             return sink
         except BaseException:
             if any(not future.done() for future in busy):
@@ -163,6 +161,21 @@ class Downloader:
                 await asyncio.wait(busy)
             await asyncio.to_thread(sink.discard)
             raise
+
+
+    async def _seal(self, sink: _TempFile, pieces: list[bytes], version: FileVersion) -> None:
+        """The last hop: hash, write and seal the last pieces, then check the file against ``version``.
+
+        When nothing else is being installed, the same hop also makes the file durable and renames it.
+        """
+        solo = self.installer.claim_solo()
+        try:
+            await _settled(asyncio.get_running_loop().run_in_executor(None, sink.write, pieces, version, solo), sink)
+        finally:
+            if solo:
+                self.installer.release_solo(sink.installed)
+        if not solo and (problem := sink.mismatch(version)):
+            raise StaleContent(problem)
 
 
 async def _settled(work: Awaitable[None], sink: _TempFile) -> None:
@@ -185,22 +198,39 @@ class Installer:
 
     A round takes every file submitted since the last one, fsyncs them back to back, then
     renames each over its final name; files submitted meanwhile wait for the next round.
-    A lone file waits for nothing: the round starts at once.
+    A lone file waits for nothing: its writer thread installs it in its last hop (a solo round).
     """
 
     def __init__(self) -> None:
         self._ready: list[tuple[_TempFile, asyncio.Future[None]]] = []
         self._rounds: asyncio.Task[None] | None = None
+        self._solo = False
         self.rounds = 0
         self.files = 0
+
+    def claim_solo(self) -> bool:
+        """True when nothing is being installed: the caller installs its one file itself, then releases."""
+        if self._rounds is not None or self._ready or self._solo:
+            return False
+        self._solo = True
+        return True
+
+    def release_solo(self, installed: bool) -> None:
+        self._solo = False
+        self.rounds += installed
+        self.files += installed
+        self._start()
 
     def submit(self, sink: _TempFile) -> asyncio.Future[None]:
         """A future done once ``sink`` is durable under its final name (or with the OSError that prevented it)."""
         done = asyncio.get_running_loop().create_future()
         self._ready.append((sink, done))
-        if self._rounds is None:
-            self._rounds = asyncio.get_running_loop().create_task(self._run(), name="install")
+        self._start()
         return done
+
+    def _start(self) -> None:
+        if self._rounds is None and not self._solo and self._ready:
+            self._rounds = asyncio.get_running_loop().create_task(self._run(), name="install")
 
     async def _run(self) -> None:
         try:
@@ -259,8 +289,11 @@ class _TempFile:
         for piece in pieces:
             self.hash.update(piece)
 
-    def write(self, pieces: list[bytes], last: FileVersion | None = None) -> None:
-        """Append ``pieces``; with ``last`` (they end the file), also hash them, give the file its attributes, close it."""
+    def write(self, pieces: list[bytes], last: FileVersion | None = None, install: bool = False) -> None:
+        """Append ``pieces``; with ``last`` (they end the file), also hash them, give the file its attributes, close it.
+
+        With ``install`` too, a file matching ``last`` is fsynced and renamed into place (StaleContent otherwise).
+        """
         if self.fd is None:
             # Created in the writer thread: creating a file can wait for the journal another fsync commits.
             _prepare_parent(self.final)
@@ -268,6 +301,27 @@ class _TempFile:
             self.created = True
         if last is not None:
             self.digest(pieces)
+        self._append(pieces)
+        if last is None:
+            if self.size - self.written_back >= WRITEBACK_BYTES:
+                self._start_writeback()
+            return
+        os.fchmod(self.fd, last.mode)
+        os.utime(self.fd, ns=(last.mtime_ns, last.mtime_ns))
+        if install:
+            if problem := self.mismatch(last):
+                raise StaleContent(problem)
+            os.fsync(self.fd)
+        else:
+            self._start_writeback()
+        os.close(self.fd)
+        self.fd = None
+        if install:
+            _replace(self.path, self.final)
+            self.installed = True
+
+    def _append(self, pieces: list[bytes]) -> None:
+        assert self.fd is not None
         views = [memoryview(p) for p in pieces]
         while views:
             written = os.writev(self.fd, views)
@@ -277,19 +331,21 @@ class _TempFile:
                 views.pop(0)
             if views and written:
                 views[0] = views[0][written:]
-        if last is not None:
-            os.fchmod(self.fd, last.mode)
-            os.utime(self.fd, ns=(last.mtime_ns, last.mtime_ns))
-        if last is not None or self.size - self.written_back >= WRITEBACK_BYTES:
-            # Start writing back now (asynchronously): the install round's fsync finds little left to do.
-            os.posix_fadvise(self.fd, self.written_back, 0, os.POSIX_FADV_DONTNEED)
-            self.written_back = self.size
-        if last is not None:
-            os.close(self.fd)
-            self.fd = None
 
-    def hexdigest(self) -> str:
-        return self.hash.hexdigest()
+    def _start_writeback(self) -> None:
+        # Asynchronous: the dirty pages start going to disk now, so the install's fsync finds little left to do.
+        assert self.fd is not None
+        os.posix_fadvise(self.fd, self.written_back, 0, os.POSIX_FADV_DONTNEED)
+        self.written_back = self.size
+
+    def mismatch(self, version: FileVersion) -> str | None:
+        """What differs between the bytes written and ``version``, or None."""
+        if self.size != version.size:
+            return f"{self.size} bytes received, {version.size} expected"
+        digest = self.hash.hexdigest()
+        if digest != version.digest:
+            return f"digest {digest[:12]}... differs from the event's {version.digest[:12]}..."
+        return None
 
     def make_durable(self) -> None:
         # Reopened here so that files waiting for a round hold no descriptor.

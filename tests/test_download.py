@@ -177,3 +177,13 @@ async def test_a_file_already_there_is_not_downloaded_and_an_empty_file_needs_no
     assert (slave / "sub" / "empty").read_bytes() == b""
     assert (slave / "sub" / "empty").stat().st_mode & 0o777 == 0o604
     assert not leftovers(slave)
+
+
+async def test_a_lone_file_is_fsynced_before_its_rename_in_its_writer_thread(downloader: Downloader, shared_dir: Path,
+                                                                             tmp_path: Path, monkeypatch):
+    (shared_dir / "lone").write_bytes(b"x" * 5000)
+    disk = DiskLog(monkeypatch)
+    await downloader.install("lone", tmp_path / "slave" / "lone", version_of(shared_dir / "lone"))
+    ino = (tmp_path / "slave" / "lone").stat().st_ino
+    assert disk.ops == [("fsync", ino), ("rename", (ino, tmp_path / "slave" / "lone"))]
+    assert (downloader.installer.rounds, downloader.installer.files) == (1, 1)

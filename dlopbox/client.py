@@ -38,7 +38,7 @@ log = logging.getLogger("dlopbox.client")
 GAP_WAIT = 2.0
 MAX_GAP_WAIT = 60.0
 REPORT_EVERY = 1.0
-#: Seconds between two state writes at least (each is two fsyncs): one write covers every seq applied meanwhile.
+#: Seconds between a change and the state write (two fsyncs) that covers it and everything applied meanwhile.
 PERSIST_EVERY = 0.02
 #: Seconds in-flight work may finish after SIGTERM before it is abandoned (and redelivered later).
 SHUTDOWN_GRACE = 1.0
@@ -334,22 +334,21 @@ class Client:
     async def _persist_loop(self) -> None:
         while True:
             await self._changed.wait()
+            # A window, like a batch's: what completes meanwhile shares this write, and the files that
+            # other slaves on this disk are fsyncing right now do not wait for our journal commits.
+            await asyncio.sleep(PERSIST_EVERY)
             self._changed.clear()
-            if await self._persist():
-                await asyncio.sleep(PERSIST_EVERY)
+            await self._persist()
 
-    async def _persist(self) -> bool:
-        """Write the state if it moved, then ack every message it covers; True when it was written."""
+    async def _persist(self) -> None:
         seq = self.applied if self._hold is None else min(self.applied, self._hold)
-        written = False
         if seq != self.persisted or (not self._saved and self._hold is None and self._synced):
             await asyncio.to_thread(save_state, self.target, ClientState(self.settings.client_id, seq))
             self.persisted = seq
-            self._saved = written = True
+            self._saved = True
         while self._acks and self._acks[0][0] <= self.persisted:
             _, _, message = heapq.heappop(self._acks)
             await _settle(message.ack())
-        return written
 
     async def _report_loop(self) -> None:
         reported: int | None = None

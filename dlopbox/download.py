@@ -126,7 +126,7 @@ class Downloader:
 
     async def _stream_into(self, response: aiohttp.ClientResponse, source: str, final: Path,
                            version: FileVersion) -> _TempFile:
-        """Stream the body into a temp file; return it complete, verified and sealed, not yet installed."""
+        """Stream the body into a temp file; return it complete, verified and sealed (installed if it went solo)."""
         sink = _TempFile(final)
         busy: list[asyncio.Future[None]] = []  # the threads working on the previous chunk
         loop = asyncio.get_running_loop()
@@ -161,7 +161,6 @@ class Downloader:
                 await asyncio.wait(busy)
             await asyncio.to_thread(sink.discard)
             raise
-
 
     async def _seal(self, sink: _TempFile, pieces: list[bytes], version: FileVersion) -> None:
         """The last hop: hash, write and seal the last pieces, then check the file against ``version``.

@@ -40,6 +40,8 @@ GAP_WAIT = 2.0
 MAX_GAP_WAIT = 60.0
 REPORT_EVERY = 1.0
 RECENT_EVENTS = 10_000
+#: Seconds between a change and the state write (two fsyncs) that covers it and everything applied meanwhile.
+PERSIST_EVERY = 0.02
 #: Seconds in-flight work may finish after SIGTERM before it is abandoned (and redelivered later).
 SHUTDOWN_GRACE = 1.0
 MAX_BACKOFF = 30.0
@@ -390,6 +392,9 @@ class Client:
     async def _persist_loop(self) -> None:
         while True:
             await self._changed.wait()
+            # A window, like a batch's: what completes meanwhile shares this write, and the files that
+            # other slaves on this disk are fsyncing right now do not wait for our journal commits.
+            await asyncio.sleep(PERSIST_EVERY)
             self._changed.clear()
             await self._persist()
 

@@ -127,7 +127,7 @@ class ClientSettings(_FromEnv):
     read_token: str = setting("", "DLOPBOX_READ_TOKEN", "Bearer token for GET /manifest and progress reports (required).", secret=True)
     prefetch: int = setting(32, "DLOPBOX_PREFETCH", "Unacknowledged AMQP messages held at once (backpressure).")
     downloads: int = setting(4, "DLOPBOX_DOWNLOADS", "Files downloaded concurrently.")
-    chunk_bytes: int = setting(256 * 1024, "DLOPBOX_CHUNK_BYTES", "Read and write size while streaming a download.")
+    chunk_bytes: int = setting(1024 * 1024, "DLOPBOX_CHUNK_BYTES", "Read and write size while streaming a download.")
 
 
 SERVICES: dict[str, type[_FromEnv]] = {

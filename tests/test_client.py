@@ -18,11 +18,13 @@ from pathlib import Path
 import aio_pika
 import pytest
 
-from dlopbox import broker
+from dlopbox import broker, client
 from dlopbox.events import Event, Op
 from dlopbox.state import STATE_DIR, load_state
+from dlopbox.tree import file_digest
 from tests.client_harness import client_settings, leftovers, running, wait_equal
 from tests.fake_interface import FakeInterface, FakeMaster
+from tests.test_download import DiskLog
 
 
 @pytest.fixture
@@ -449,3 +451,58 @@ async def test_the_longest_paths_sync(upstream: FakeMaster, make_settings, clien
         await wait_synced(slave)
         await m.publish(*events)
         await wait_equal(shared_dir, slave)
+
+
+async def test_state_never_claims_a_seq_before_its_files_are_durable_and_acks_wait_for_that_state(
+        upstream: FakeMaster, make_settings, client_queues, shared_dir, tmp_path, monkeypatch):
+    """Crash safety of the coalesced state: at any instant, what the state file claims is durable on disk."""
+    m = upstream
+    slave = tmp_path / "slave"
+    violations: list[str] = []
+    saves: list[float] = []
+    acked: list[int] = []
+    async with running(make_settings(client_queues[0], slave)):
+        await wait_synced(slave)
+        disk = DiskLog(monkeypatch)
+        writes: dict[int, Event] = {}
+        real_save = client.save_state
+
+        def checked_save(target: Path, state) -> None:
+            saves.append(time.monotonic())
+            with disk.lock:
+                fsynced = {arg for op, arg in disk.ops if op == "fsync"}
+            for seq, event in list(writes.items()):
+                if seq > state.seq:
+                    continue
+                path = target / event.path
+                try:
+                    ok = os.stat(path).st_ino in fsynced and file_digest(path) == event.digest
+                except FileNotFoundError:
+                    ok = False
+                if not ok:
+                    violations.append(f"state seq {state.seq} saved before seq {seq} {event.path} was durable")
+            real_save(target, state)
+
+        real_ack = aio_pika.IncomingMessage.ack
+
+        async def checked_ack(message, multiple: bool = False) -> None:
+            last_seq = message.headers["last_seq"]
+            on_disk = load_state(slave).seq
+            if on_disk < last_seq:
+                violations.append(f"message up to seq {last_seq} acked with seq {on_disk} on disk")
+            acked.append(last_seq)
+            await real_ack(message, multiple)
+
+        monkeypatch.setattr(client, "save_state", checked_save)
+        monkeypatch.setattr(aio_pika.IncomingMessage, "ack", checked_ack)
+        for start in range(0, 600, 30):
+            events = [m.write(f"d{i % 7}/f{i:04d}", os.urandom(3000 + i)) for i in range(start, start + 30)]
+            first = m.interface.head + 1
+            writes.update({first + k: e for k, e in enumerate(events)})  # known before the client can see them
+            await m.publish(*events)
+        await wait_equal(shared_dir, slave, timeout=60)
+        await wait_progress(m.interface, client_queues[0], m.interface.head)
+    assert not violations, violations[:5]
+    assert max(acked) == m.interface.head and len(acked) >= 20
+    gaps = [b - a for a, b in zip(saves, saves[1:])]
+    assert gaps and min(gaps) >= client.PERSIST_EVERY * 0.9, f"state written {min(gaps) * 1000:.1f} ms after the last"

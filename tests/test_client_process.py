@@ -147,6 +147,9 @@ async def test_sigterm_mid_download_stops_within_seconds_and_resumes(upstream: F
     assert "stopped at seq" in client.log()
 
     client.start()
+    # The first process may have finished the file within its shutdown grace: then the slave is
+    # already equal, so wait for the second one to be up before stopping it.
+    await until(lambda: client.log().count(": queue ") == 2, 60, "the restarted client to consume its queue")
     await wait_equal(shared_dir, slave, timeout=120)
     assert await client.stopped() == 0
     assert load_state(slave).seq == m.interface.head

@@ -645,7 +645,7 @@ def _int_param(request: web.Request, name: str, default: int, minimum: int, maxi
 
 async def get_events(request: web.Request) -> web.Response:
     _read_auth(request)
-    since = _int_param(request, "since", 0, 0)
+    since = _int_param(request, "since", 0, 0, INT64_MAX)
     limit = _int_param(request, "limit", EVENTS_LIMIT, 1, EVENTS_LIMIT_MAX)
     prefix = request.query.get("prefix")
     if prefix is not None:

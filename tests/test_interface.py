@@ -211,7 +211,7 @@ async def test_get_events_filters_by_since_prefix_and_limit(rabbit, mongo, mongo
         assert (await get("", WRITE))[0] == 200
         assert (await get("", {}))[0] == 401
         assert (await get("", {"Authorization": "Bearer wrong"}))[0] == 403
-        for bad in ("?since=-1", "?since=x", "?limit=0", "?limit=10001", "?prefix=../etc", "?prefix=/abs", "?prefix="):
+        for bad in ("?since=-1", "?since=x", "?since=9223372036854775808", "?limit=0", "?limit=10001", "?prefix=../etc", "?prefix=/abs", "?prefix="):
             assert (await get(bad))[0] == 400, bad
 
 

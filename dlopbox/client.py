@@ -117,7 +117,7 @@ class Client:
         delay = 0.5
         while not stop.is_set():
             try:
-                return await aio_pika.connect_robust(self.settings.amqp_url)
+                return await aio_pika.connect_robust(broker.amqp_url(self.settings.amqp_url))
             except _AMQP_ERRORS as exc:
                 log.warning("cannot connect to RabbitMQ: %s; retrying in %.1fs", exc, delay)
             try:

@@ -54,3 +54,16 @@ async def test_an_unused_client_queue_is_deleted_and_the_journal_is_kept(tmp_pat
             await channel.declare_queue(broker.JOURNAL_QUEUE, passive=True)  # still there
     finally:
         await asyncio.to_thread(node.stop)
+
+
+def test_connections_beat_every_ten_seconds_unless_the_url_says_otherwise():
+    assert broker.amqp_url("amqp://u:p@rabbit:5672/dlopbox") == "amqp://u:p@rabbit:5672/dlopbox?heartbeat=10"
+    assert broker.amqp_url("amqp://u:p@rabbit/dlopbox?heartbeat=30") == "amqp://u:p@rabbit/dlopbox?heartbeat=30"
+    # Percent-encoded credentials and vhost survive untouched.
+    assert broker.amqp_url("amqp://u:p%2F@r/%2Fv?x=1") == "amqp://u:p%2F@r/%2Fv?x=1&heartbeat=10"
+
+
+async def test_the_broker_agrees_to_the_heartbeat(rabbit):
+    connection = await aio_pika.connect(broker.amqp_url(rabbit.client_url))
+    async with connection:
+        assert connection.transport.connection.heartbeat_timeout == broker.HEARTBEAT_S

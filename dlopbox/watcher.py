@@ -538,6 +538,8 @@ class Watcher:
         self._abort = threading.Event()
         self._rescan: Future[ScanResult] | None = None
         self._overflow_logged = float("-inf")
+        #: Scans to run again (by path) because the disk changed while they read it.
+        self._rescans: dict[str, asyncio.TimerHandle] = {}
         self._needs_manifest = True
         self._leases = False  # open_for_writing() is usable: SIGIO ignored
         self._pool: ThreadPoolExecutor
@@ -574,6 +576,8 @@ class Watcher:
         finally:
             self._abort.set()
             for timer, _ in self._dirty.values():
+                timer.cancel()
+            for timer in self._rescans.values():
                 timer.cancel()
             self._pool.shutdown(wait=False, cancel_futures=True)
 
@@ -987,8 +991,21 @@ class Watcher:
             await self.apply_scan(rel, result, ts)
 
     async def apply_scan(self, rel: str, result: ScanResult, ts: float) -> None:
-        """Make what is known at ``rel`` (and below) equal to what the scan found."""
+        """Make what is known at ``rel`` (and below) equal to what the scan found.
+
+        Paths that changed while they were read are left as known, for their own events; but
+        after a kernel queue overflow those events may be lost, so ``rel`` is scanned again once
+        it has been quiet for a moment, until a scan finds it still.
+        """
         if rel and not self.known.is_dir(parent_of(rel)):
             return  # the parent's own item scans it
         new = self._stable(result)
         await self._emit_all(diff(Tree(self.known.subtree(rel)), new), ts)
+        if result.unstable and rel not in self._rescans and not self._abort.is_set():
+            self._rescans[rel] = self._loop.call_later(SETTLE_S, self._scan_again, rel)
+
+    def _scan_again(self, rel: str) -> None:
+        self._rescans.pop(rel, None)
+        if self._abort.is_set() or (rel and _lstat(self._path(rel)) is None):
+            return  # stopping, or gone: its removal has its own event or rescan
+        self._arrived(rel, not rel or self.known.is_dir(rel), time.time())

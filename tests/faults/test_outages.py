@@ -259,7 +259,7 @@ def test_the_slowest_client_does_not_slow_the_others(system: Deployment) -> None
         case.converge_s = others_s
         # The bound catches the others waiting for the frozen one (they would wait until it is unfrozen);
         # the table shows the measured times against the no-fault baseline.
-        limit = (baseline or 0.0) + 30.0
+        limit = (baseline or 0.0) + 10.0
         assert others_s <= limit, f"the others took {others_s:.1f} s (baseline {baseline} s): held back by the frozen one"
 
 

@@ -32,7 +32,9 @@ from .tree import file_digest
 log = logging.getLogger("dlopbox.client")
 
 EMPTY_DIGEST = hashlib.sha256(b"").hexdigest()
-_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60)
+#: nginx answers at once and streams without pause: 15 s without a byte is a dead connection (a
+#: network cut leaves pooled keep-alive sockets that never answer), not a slow one.
+_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=15)
 MAX_BACKOFF = 5.0
 #: Bytes written between two starts of writeback while a large file streams in.
 WRITEBACK_BYTES = 8 * 2**20

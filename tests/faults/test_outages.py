@@ -233,7 +233,9 @@ def test_client_cut_from_the_network_for_20_s(system: Deployment) -> None:
             run("docker", "network", "connect", system.network, victim)
         time.sleep(2)
         ops = churn.stop()["ops"]
-        settled = system.settle(case)
+        # It replays its whole backlog after reconnecting (measured 68-124 s here on 2 busy cores):
+        # more room than the other cases, still a bound on never catching up.
+        settled = system.settle(case, timeout=240)
         case.happened = (f"{ops} changes, 20 s of them while it was disconnected; reconnected, it was equal to the "
                          f"master {settled.converge_s:.1f} s after the churn stopped")
 

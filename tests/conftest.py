@@ -11,6 +11,7 @@ import aio_pika
 import pytest
 
 from dlopbox import broker
+from tests.fake_interface import FakeInterface, FakeMaster
 from tests.services import NginxServer, RabbitNode, SecantusNode
 
 
@@ -93,3 +94,17 @@ def shared_dir(nginx: NginxServer, unique: str) -> Path:
     path = nginx.root / unique
     path.mkdir()
     return path
+
+
+@pytest.fixture
+async def upstream(shared_dir: Path, rabbit: RabbitNode) -> AsyncIterator[FakeMaster]:
+    """The watcher and interface as a client sees them: a master dir served by nginx, the real
+    exchange to publish to (with the interface's user), and tests/fake_interface.py's read API."""
+    fake = FakeInterface(shared_dir)
+    await fake.start()
+    conn = await aio_pika.connect(rabbit.interface_url)
+    channel = await conn.channel(publisher_confirms=True)
+    exchange = await channel.get_exchange("dlopbox.events", ensure=False)
+    yield FakeMaster(shared_dir, fake, exchange)
+    await conn.close()
+    await fake.stop()

@@ -28,18 +28,6 @@ from tests.test_download import DiskLog
 
 
 @pytest.fixture
-async def upstream(shared_dir, rabbit):
-    fake = FakeInterface(shared_dir)
-    await fake.start()
-    conn = await aio_pika.connect(rabbit.interface_url)
-    channel = await conn.channel(publisher_confirms=True)
-    exchange = await channel.get_exchange("dlopbox.events", ensure=False)
-    yield FakeMaster(shared_dir, fake, exchange)
-    await conn.close()
-    await fake.stop()
-
-
-@pytest.fixture
 def make_settings(rabbit, nginx, shared_dir, upstream):
     def make(client_id: str, target: Path, **overrides):
         return client_settings(rabbit, nginx, shared_dir, upstream.interface.url, upstream.interface.token,

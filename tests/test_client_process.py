@@ -11,25 +11,12 @@ import signal
 import time
 from pathlib import Path
 
-import aio_pika
 import pytest
 
 from dlopbox.state import load_state
 from tests.client_harness import (BIG, RSS_LIMIT_KIB, ClientProcess, FinalNameSampler, client_settings, leftovers,
                                   temp_files, until, wait_equal, write_big)
-from tests.fake_interface import FakeInterface, FakeMaster
-
-
-@pytest.fixture
-async def upstream(shared_dir, rabbit):
-    fake = FakeInterface(shared_dir)
-    await fake.start()
-    conn = await aio_pika.connect(rabbit.interface_url)
-    channel = await conn.channel(publisher_confirms=True)
-    exchange = await channel.get_exchange("dlopbox.events", ensure=False)
-    yield FakeMaster(shared_dir, fake, exchange)
-    await conn.close()
-    await fake.stop()
+from tests.fake_interface import FakeMaster
 
 
 @pytest.fixture

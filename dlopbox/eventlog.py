@@ -38,6 +38,7 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure, PyMongoError
 
 from .events import Batch, Entry, Event, Op
+from .paths import ancestors
 from .tree import Tree
 
 log = logging.getLogger(__name__)
@@ -219,7 +220,7 @@ class EventLog:
         loaded = await self._load_exact(exact, session)
         dirs = {p for p in exact if p in loaded and loaded[p].is_dir}
         for directory in sorted(dirs):
-            if any(ancestor in dirs for ancestor in _ancestors(directory)):
+            if any(ancestor in dirs for ancestor in ancestors(directory)):
                 continue  # already inside a subtree being loaded
             async for doc in self.state.find({"_id": subtree(directory)}, session=session):
                 loaded[doc["path"]] = entry_from_doc(doc)
@@ -290,7 +291,7 @@ class EventLog:
         query: dict[str, Any] = {"seq": {"$gt": since}}
         if prefix is not None:
             query["$or"] = [{"path": prefix}, {"path": subtree(prefix)}, {"dest": prefix}, {"dest": subtree(prefix)}]
-            above = list(_ancestors(prefix))
+            above = list(ancestors(prefix))
             if above:
                 query["$or"] += [{"path": {"$in": above}, "op": {"$in": [Op.RMDIR.value, Op.MOVE.value]}},
                                  {"dest": {"$in": above}}]
@@ -304,8 +305,3 @@ class EventLog:
     async def client_progress(self) -> list[dict[str, Any]]:
         return await self.clients.find().sort("_id", 1).to_list()
 
-
-def _ancestors(path: str) -> Iterable[str]:
-    while "/" in path:
-        path = path.rpartition("/")[0]
-        yield path

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
@@ -65,6 +66,13 @@ def is_reserved(name: str) -> bool:
 def is_within(path: str, directory: str) -> bool:
     """True when ``path`` is ``directory`` itself or lies below it."""
     return path == directory or path.startswith(directory + "/")
+
+
+def ancestors(path: str) -> Iterator[str]:
+    """Every directory above a relative path, nearest first ("a/b/c" -> "a/b", "a")."""
+    while "/" in path:
+        path = path.rpartition("/")[0]
+        yield path
 
 
 def parent_of(path: str) -> str:

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 
 from .events import Event, Op
-from .paths import is_within
+from .paths import ancestors, is_within
 
 
 class Job:
@@ -26,11 +26,6 @@ class Job:
         self.order = order
         self.task: asyncio.Task[None] | None = None
 
-
-def ancestors(path: str) -> Iterator[str]:
-    while "/" in path:
-        path = path.rpartition("/")[0]
-        yield path
 
 
 class PathScheduler:

@@ -18,7 +18,7 @@ from typing import Any
 from pathlib import Path
 
 from .events import Entry, Event, Op
-from .paths import UnsafePathError, check_relpath, is_reserved, parent_of
+from .paths import UnsafePathError, ancestors, check_relpath, is_reserved, parent_of
 
 HASH_CHUNK = 1024 * 1024
 
@@ -251,7 +251,7 @@ def diff(old: Tree, new: Tree) -> list[Event]:
         after = new.entries.get(path)
         if after is not None and after.is_dir == before.is_dir:
             continue
-        if any(ancestor in removed_dirs for ancestor in _ancestors(path)):
+        if any(ancestor in removed_dirs for ancestor in ancestors(path)):
             continue
         if before.is_dir:
             removed_dirs.add(path)
@@ -275,11 +275,6 @@ def diff(old: Tree, new: Tree) -> list[Event]:
             events.append(Event(Op.ATTRIB, after.path, mode=after.mode, mtime_ns=after.mtime_ns))
     return events
 
-
-def _ancestors(path: str) -> Iterator[str]:
-    while "/" in path:
-        path = path.rpartition("/")[0]
-        yield path
 
 
 def _content_differs(a: Entry, b: Entry) -> bool:

@@ -25,13 +25,10 @@ from .paths import resolve
 
 log = logging.getLogger("dlopbox.client")
 
-#: Seconds the client waits for a newer event to explain a write whose bytes are gone before it resyncs.
-STALE_PATIENCE = 20.0
 #: Seconds a write whose bytes are gone waits here (for news) before it is left to the client to watch:
 #: holding its place longer would hold every later acknowledgement, so the queue would stop
 #: delivering (prefetch) the very event that explains it.
 EXPLAIN_WAIT = 1.0
-MAX_BACKOFF = 5.0
 
 
 class Outcome(enum.Enum):
@@ -128,7 +125,7 @@ class Applier:
                 log.debug("seq %s %s: %s; no newer event known yet, retrying within %.1fs", event.seq, event.path,
                           exc, delay)
                 await self.news(source, delay)
-                delay = min(delay * 2, MAX_BACKOFF)
+                delay *= 2  # 0.1, 0.2, 0.4, 0.8: within EXPLAIN_WAIT
 
     async def move(self, event: Event, *, resync: bool = False) -> Outcome:
         assert event.dest is not None

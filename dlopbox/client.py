@@ -22,7 +22,7 @@ import aio_pika
 import aiohttp
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
-from . import apply, broker
+from . import broker
 from .api import APIError, InterfaceAPI
 from .apply import Applier, Fate, Outcome, Unexplained
 from .download import Downloader
@@ -39,7 +39,10 @@ log = logging.getLogger("dlopbox.client")
 GAP_WAIT = 2.0
 MAX_GAP_WAIT = 60.0
 REPORT_EVERY = 1.0
+#: Events remembered after dispatch, to explain a write whose bytes are gone.
 RECENT_EVENTS = 10_000
+#: Seconds a write's bytes may stay gone with nothing to explain it before the client resyncs.
+STALE_PATIENCE = 20.0
 #: Seconds between a change and the state write (two fsyncs) that covers it and everything applied meanwhile.
 PERSIST_EVERY = 0.02
 #: Seconds in-flight work may finish after SIGTERM before it is abandoned (and redelivered later).
@@ -326,7 +329,7 @@ class Client:
         """Go on without the write; a newer event about ``path`` should follow, or the client resyncs."""
         if any(later.seq is not None and later.seq > seq and _explains(later, path) for later in self._recent):
             return  # it arrived meanwhile (applied already, or still waiting in the scheduler)
-        deadline = asyncio.get_running_loop().time() + apply.STALE_PATIENCE
+        deadline = asyncio.get_running_loop().time() + STALE_PATIENCE
         previous = self._unexplained.get(path)
         self._unexplained[path] = (seq, deadline if previous is None else min(previous[1], deadline))
 
@@ -354,7 +357,7 @@ class Client:
             if overdue:
                 path, seq = min(overdue, key=lambda item: item[1])
                 log.error("seq %d: the master's bytes of %r are gone and no newer event explains it after %.0fs; "
-                          "resyncing from the manifest", seq, path, apply.STALE_PATIENCE)
+                          "resyncing from the manifest", seq, path, STALE_PATIENCE)
                 for path, _ in overdue:
                     del self._unexplained[path]
                 self._request_resync(seq)
@@ -367,8 +370,7 @@ class Client:
     async def _follow(self, path: str, after: int) -> Fate:
         while True:
             # Every event dispatched lately, applied or still pending, then the interface's log.
-            effect, cause = _first_effect(path, [e for e in self._recent if e.seq is not None and e.seq > after
-                                                 and e.affects(path)])
+            effect, cause = _first_effect(path, [e for e in self._recent if e.seq is not None and e.seq > after])
             if effect is None:
                 try:
                     logged = await self.api.events_since(after, prefix=path, limit=100)

@@ -259,7 +259,7 @@ async def test_a_write_whose_directory_the_master_moved_since_is_fetched_from_th
         assert batch.last_seq is not None
         m.interface.events.append(dataclasses.replace(moved, seq=batch.last_seq + 1))  # logged, not delivered
         m.interface.head = batch.last_seq + 1
-        deadline = time.monotonic() + 10  # far below apply.STALE_PATIENCE, after which it resyncs
+        deadline = time.monotonic() + 10  # far below client.STALE_PATIENCE, after which it resyncs
         while not (slave / "dir" / "f").is_file():
             assert time.monotonic() < deadline, "the client did not follow the move of dir/f's directory"
             await asyncio.sleep(0.05)
@@ -275,8 +275,8 @@ async def test_a_write_whose_explanation_is_far_behind_in_the_queue_does_not_sta
     """Its bytes are gone (deleted on the master) and the delete comes many messages later, more than
     the prefetch, and is not in the interface's log yet: the client must go on (acknowledging) until
     it arrives, not hold every acknowledgement (so the broker stops delivering) and resync."""
-    from dlopbox import apply
-    monkeypatch.setattr(apply, "STALE_PATIENCE", 120.0)
+    from dlopbox import client
+    monkeypatch.setattr(client, "STALE_PATIENCE", 120.0)
     m = upstream
     slave = tmp_path / "slave"
     async with running(make_settings(client_queues[0], slave, prefetch=4)):
@@ -297,8 +297,8 @@ async def test_a_write_whose_explanation_is_far_behind_in_the_queue_does_not_sta
 
 async def test_write_whose_bytes_never_match_forces_a_resync(upstream: FakeMaster, make_settings, client_queues,
                                                              shared_dir, tmp_path, monkeypatch):
-    from dlopbox import apply
-    monkeypatch.setattr(apply, "STALE_PATIENCE", 0.5)
+    from dlopbox import client
+    monkeypatch.setattr(client, "STALE_PATIENCE", 0.5)
     m = upstream
     slave = tmp_path / "slave"
     async with running(make_settings(client_queues[0], slave)):

@@ -134,18 +134,15 @@ def definitions(passwords: Mapping[str, str], exchange: str = "dlopbox.events",
 def definitions_from_env(environ: Mapping[str, str], exchange: str = "dlopbox.events") -> str:
     """Definitions JSON from RABBITMQ_ADMIN_PASSWORD, RABBITMQ_INTERFACE_PASSWORD, RABBITMQ_CLIENT_PASSWORD
     and DLOPBOX_CLIENT_QUEUE_EXPIRES_DAYS (default 7)."""
-    from .settings import SettingsError
+    from .settings import SettingsError, parse_value
 
     names = {ADMIN_USER: "RABBITMQ_ADMIN_PASSWORD", INTERFACE_USER: "RABBITMQ_INTERFACE_PASSWORD", CLIENT_USER: "RABBITMQ_CLIENT_PASSWORD"}
     missing = [env for env in names.values() if not environ.get(env)]
     if missing:
         raise SettingsError(f"{', '.join(missing)} must be set")
     raw = environ.get("DLOPBOX_CLIENT_QUEUE_EXPIRES_DAYS") or str(CLIENT_QUEUE_EXPIRES_DAYS)
-    try:
-        days = float(raw)
-    except ValueError:
-        days = float("nan")
-    if not 0 < days <= 3650:
+    days = parse_value(float, raw, "DLOPBOX_CLIENT_QUEUE_EXPIRES_DAYS")
+    if not 0 < days <= 3650:  # also refuses nan
         raise SettingsError(f"DLOPBOX_CLIENT_QUEUE_EXPIRES_DAYS={raw!r}: must be a number of days, above 0 and "
                             "at most 3650")
     passwords = {user: environ[env] for user, env in names.items()}

@@ -187,7 +187,8 @@ class Ingest:
         timeout = self.settings.backend_timeout
         await self.log.ping()
         await self.log.ensure_indexes()
-        self.connection = await aio_pika.connect_robust(broker.amqp_url(self.settings.amqp_url), timeout=timeout, reconnect_interval=1)
+        self.connection = await aio_pika.connect_robust(broker.amqp_url(self.settings.amqp_url), timeout=timeout,
+                                                        reconnect_interval=1)
         self.channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
         # The exchange comes from the broker definitions: only check that it is there.
         self.exchange = await self.channel.get_exchange(self.settings.exchange, ensure=True)

@@ -27,7 +27,8 @@ def setting(default: Any, env: str, help: str, *, flag: str | None = None, secre
     return field(default=default, metadata=meta)
 
 
-def _parse(kind: Any, raw: str, env: str) -> Any:
+def parse_value(kind: Any, raw: str, env: str) -> Any:
+    """``raw`` (the value of variable ``env``) as ``kind``; SettingsError naming the variable if it is not one."""
     try:
         if kind is int:
             return int(raw)
@@ -60,7 +61,7 @@ class _FromEnv:
             if overrides.get(f.name) is not None:
                 values[f.name] = overrides[f.name]
             elif f.metadata["env"] in environ:
-                values[f.name] = _parse(hints[f.name], environ[f.metadata["env"]], f.metadata["env"])
+                values[f.name] = parse_value(hints[f.name], environ[f.metadata["env"]], f.metadata["env"])
         return cls(**values)
 
     def require(self, *names: str) -> Self:

@@ -1008,4 +1008,4 @@ class Watcher:
         self._rescans.pop(rel, None)
         if self._abort.is_set() or (rel and _lstat(self._path(rel)) is None):
             return  # stopping, or gone: its removal has its own event or rescan
-        self._arrived(rel, not rel or self.known.is_dir(rel), time.time())
+        self._arrived(rel, self.known.is_dir(rel), time.time())

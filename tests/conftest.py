@@ -12,6 +12,7 @@ import pytest
 
 from dlopbox import broker
 from tests.fake_interface import FakeInterface, FakeMaster
+from tests.pipeline_harness import InterfaceProcess
 from tests.services import NginxServer, RabbitNode, SecantusNode
 
 
@@ -108,3 +109,13 @@ async def upstream(shared_dir: Path, rabbit: RabbitNode) -> AsyncIterator[FakeMa
     yield FakeMaster(shared_dir, fake, exchange)
     await conn.close()
     await fake.stop()
+
+
+@pytest.fixture(scope="module")
+def interface_process(rabbit: RabbitNode, mongo: SecantusNode, tmp_path_factory: pytest.TempPathFactory
+                      ) -> Iterator[InterfaceProcess]:
+    """`dlopbox interface` as a process of its own (one per test module), on a database of its own."""
+    process = InterfaceProcess(tmp_path_factory.mktemp("interface"), rabbit, mongo, f"iface_{secrets.token_hex(4)}")
+    process.start()
+    yield process
+    process.stop()

@@ -18,7 +18,6 @@ import secrets
 import string
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from typing import Any
 
 import aio_pika
@@ -193,14 +192,6 @@ def test_a_client_refuses_any_undecodable_message_with_an_event_error(raw: bytes
 
 
 # -- the interface, fuzzed over HTTP ------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def interface_process(rabbit, mongo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[InterfaceProcess]:
-    process = InterfaceProcess(tmp_path_factory.mktemp("hostile"), rabbit, mongo, f"hostile_{secrets.token_hex(4)}")
-    process.start()
-    yield process
-    process.stop()
-
 
 def post(url: str, data: bytes) -> tuple[int, bytes]:
     request = urllib.request.Request(url, data=data, method="POST",

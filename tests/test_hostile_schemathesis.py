@@ -8,11 +8,8 @@ on the session's RabbitMQ and SecantusDB.
 
 from __future__ import annotations
 
-import secrets
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import negative_data_rejection, positive_data_acceptance
@@ -23,20 +20,12 @@ REPO = Path(__file__).resolve().parent.parent
 schema = schemathesis.openapi.from_path(REPO / "dlopbox" / "openapi.yaml")
 
 
-@pytest.fixture(scope="module")
-def api(rabbit, mongo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[InterfaceProcess]:
-    process = InterfaceProcess(tmp_path_factory.mktemp("schemathesis"), rabbit, mongo, f"fuzz_{secrets.token_hex(4)}")
-    process.start()
-    yield process
-    process.stop()
-
-
 @schema.parametrize()
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), print_blob=True)
-def test_every_operation_answers_as_described_and_never_500(case: schemathesis.Case, api: InterfaceProcess) -> None:
+def test_every_operation_answers_as_described_and_never_500(case: schemathesis.Case, interface_process: InterfaceProcess) -> None:
     # Left out: "schema-valid must be accepted" (the description gives shapes; the safe-path and per-op
     # rules of dlopbox/paths.py and events.py answer 400 naming the field) and "schema-invalid must be
     # refused" (unknown query parameters are ignored, as HTTP servers do; a missing token cannot be
     # tried with the token sent on every request: tests/test_hostile.py covers tokens and bad bodies).
-    case.call_and_validate(base_url=api.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30,
+    case.call_and_validate(base_url=interface_process.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30,
                            excluded_checks=[positive_data_acceptance, negative_data_rejection])

@@ -28,10 +28,30 @@ REPO = Path(__file__).resolve().parent.parent
 RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 
 
+#: Ports handed out by free_port in this process: never the same one twice.
+_ISSUED_PORTS: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port nobody listens on, below the kernel's ephemeral range.
+
+    bind(0) would hand out an ephemeral port, which any outgoing connection (a client retrying
+    a server that is still starting) may take as its source port before the server binds it:
+    nginx then failed with EADDRINUSE in a benchmark run. Below that range only listeners bind.
+    """
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(1000):
+        port = secrets.randbelow(low - 10_000) + 10_000
+        if port in _ISSUED_PORTS:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _ISSUED_PORTS.add(port)
+        return port
+    raise RuntimeError(f"no free loopback port between 10000 and {low}")
 
 
 def wait_until(check, timeout: float, what: str, interval: float = 0.1) -> None:

@@ -43,7 +43,8 @@ REPORT_EVERY = 1.0
 RECENT_EVENTS = 10_000
 #: Seconds a write's bytes may stay gone with nothing to explain it before the client resyncs.
 STALE_PATIENCE = 20.0
-#: Seconds between a change and the state write (two fsyncs) that covers it and everything applied meanwhile.
+#: Seconds between a change and the state write that covers it and everything applied meanwhile (it first
+#: fsyncs the files installed since the last one, then writes the seq: two more fsyncs).
 PERSIST_EVERY = 0.02
 #: Seconds in-flight work may finish after SIGTERM before it is abandoned (and redelivered later).
 SHUTDOWN_GRACE = 1.0
@@ -111,8 +112,12 @@ class Client:
             connection = await self._connect(stop)
             if connection is None:
                 return
-            async with connection:
-                await self._serve(connection, stop, fresh=state is None)
+            try:
+                async with connection:
+                    await self._serve(connection, stop, fresh=state is None)
+            finally:
+                # Files installed past the last state: durable too, and their descriptors closed.
+                await asyncio.to_thread(self.downloader.unsynced.sync)
         log.info("client %s stopped at seq %d", self.settings.client_id, self.persisted)
 
     async def _connect(self, stop: asyncio.Event) -> AbstractRobustConnection | None:
@@ -403,12 +408,17 @@ class Client:
     async def _persist(self) -> None:
         seq = self.applied if self._hold is None else min(self.applied, self._hold)
         if seq != self.persisted or (not self._saved and self._hold is None and self._synced):
-            await asyncio.to_thread(save_state, self.target, ClientState(self.settings.client_id, seq))
+            await asyncio.to_thread(self._save, seq)
             self.persisted = seq
             self._saved = True
         while self._acks and self._acks[0][0] <= self.persisted:
             _, _, message = heapq.heappop(self._acks)
             await _settle(message.ack())
+
+    def _save(self, seq: int) -> None:
+        """The files installed so far made durable, then the seq that claims them (blocking)."""
+        self.downloader.unsynced.sync()
+        save_state(self.target, ClientState(self.settings.client_id, seq))
 
     async def _report_loop(self) -> None:
         reported: int | None = None

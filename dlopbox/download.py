@@ -1,12 +1,12 @@
 """Streaming downloads from nginx, verified and installed atomically.
 
 A file is streamed in chunks into a hidden temp file next to its final name, hashed as it
-arrives, checked against the event's size and SHA-256 and given its mode and mtime. Then it
-waits for the next install round: every file verified by then is fsynced, back to back (the
-first fsync commits the filesystem journal for all of them), and only then renamed over its
-final name: a slave never shows a partial, corrupt or not yet durable file, and a burst of
-small files costs a few journal commits instead of one each. Memory stays bounded by a
-couple of chunks whatever the file size; writes, hashing and fsyncs run in threads so a
+arrives, checked against the event's size and SHA-256, given its mode and mtime and renamed
+over its final name in the same thread hop: a slave never shows a partial or corrupt file,
+and shows a good one as soon as it is verified. Durability is the acknowledgement's business,
+not visibility's: an installed file stays open in :class:`Unsynced` until the client's next
+state write, which fsyncs every such file (and its directory) first. Memory stays bounded by
+a couple of chunks whatever the file size; writes, hashing and fsyncs run in threads so a
 1 GiB file never blocks the event loop.
 """
 
@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import stat
+import threading
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,8 @@ _TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=15)
 MAX_BACKOFF = 5.0
 #: Bytes written between two starts of writeback while a large file streams in.
 WRITEBACK_BYTES = 8 * 2**20
+#: Installed files kept open until the next state write; past this many, a writer thread syncs them itself.
+MAX_UNSYNCED = 256
 
 
 class StaleContent(Exception):
@@ -73,7 +76,7 @@ class Downloader:
         self.chunk_bytes = max(4096, chunk_bytes)
         self.slots = asyncio.Semaphore(max(1, concurrency))
         self.counters = Counters()
-        self.installer = Installer()
+        self.unsynced = Unsynced()
 
     def url(self, path: str) -> yarl.URL:
         # Already percent-encoded: re-quoting would turn %3F back into '?' (a query string).
@@ -82,13 +85,12 @@ class Downloader:
     async def install(self, source: str, final: Path, version: FileVersion) -> None:
         """Download ``source`` (a relative path on the master) and install it at ``final``.
 
-        Returns once the file is durable under its final name. Raises :class:`StaleContent`
-        when nginx does not have these bytes; transfer failures are retried until they succeed
-        (or the task is cancelled).
+        Returns once the file stands verified under its final name (durable only after the next
+        :meth:`Unsynced.sync`). Raises :class:`StaleContent` when nginx does not have these bytes;
+        transfer failures are retried until they succeed (or the task is cancelled).
         """
         if version.size == 0 and version.digest == EMPTY_DIGEST:
-            sink = _TempFile(final)
-            await self._seal(sink, [], version)
+            await self._seal(_TempFile(final, self.unsynced), [], version)
         else:
             # Nothing there (the common case): no thread hop; a file there is hashed in a thread.
             if _lstat(final) is not None and await asyncio.to_thread(_already_there, final, version):
@@ -99,18 +101,15 @@ class Downloader:
                 delay = 0.2
                 while True:
                     try:
-                        sink = await self._download(source, final, version)
+                        await self._download(source, final, version)
                         break
                     except TransferError as exc:
                         log.warning("%s; retrying in %.1fs", exc, delay)
                         await asyncio.sleep(delay)
                         delay = min(delay * 2, MAX_BACKOFF)
-        if not sink.installed:
-            # The slot is free while the file waits for its round: the next downloads go on meanwhile.
-            await _settled(self.installer.submit(sink), sink)
         self.counters.files += 1
 
-    async def _download(self, source: str, final: Path, version: FileVersion) -> _TempFile:
+    async def _download(self, source: str, final: Path, version: FileVersion) -> None:
         try:
             # A chunk of read buffer: the socket keeps being read while the thread writes the last chunk.
             async with self.session.get(self.url(source), headers={"Accept-Encoding": "identity"},
@@ -122,14 +121,14 @@ class Downloader:
                     raise StaleContent(f"{source!r}: nginx answered {response.status}")
                 if response.content_length is not None and response.content_length != version.size:
                     raise StaleContent(f"{source!r}: {response.content_length} bytes served, {version.size} expected")
-                return await self._stream_into(response, source, final, version)
+                await self._stream_into(response, source, final, version)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise TransferError(f"{source!r}: {type(exc).__name__}: {exc}") from exc
 
     async def _stream_into(self, response: aiohttp.ClientResponse, source: str, final: Path,
-                           version: FileVersion) -> _TempFile:
-        """Stream the body into a temp file; return it complete, verified and sealed (installed if it went solo)."""
-        sink = _TempFile(final)
+                           version: FileVersion) -> None:
+        """Stream the body into a temp file, then verify it and rename it into place."""
+        sink = _TempFile(final, self.unsynced)
         busy: list[asyncio.Future[None]] = []  # the threads working on the previous chunk
         loop = asyncio.get_running_loop()
         try:
@@ -152,31 +151,20 @@ class Downloader:
                     pending, pending_size = [], 0
             for future in busy:
                 await future
-            try:
-                await self._seal(sink, pending, version)
-            except StaleContent as exc:
-                raise StaleContent(f"{source!r}: {exc}") from None
-            return sink
         except BaseException:
             if any(not future.done() for future in busy):
                 # A thread may still be using the descriptor: never close it under its feet.
                 await asyncio.wait(busy)
             await asyncio.to_thread(sink.discard)
             raise
+        try:
+            await self._seal(sink, pending, version)
+        except StaleContent as exc:
+            raise StaleContent(f"{source!r}: {exc}") from None
 
     async def _seal(self, sink: _TempFile, pieces: list[bytes], version: FileVersion) -> None:
-        """The last hop: hash, write and seal the last pieces, then check the file against ``version``.
-
-        When nothing else is being installed, the same hop also makes the file durable and renames it.
-        """
-        solo = self.installer.claim_solo()
-        try:
-            await _settled(asyncio.get_running_loop().run_in_executor(None, sink.write, pieces, version, solo), sink)
-        finally:
-            if solo:
-                self.installer.release_solo(sink.installed)
-        if not solo and (problem := sink.mismatch(version)):
-            raise StaleContent(problem)
+        """The last hop, in one thread: write the last pieces, check the file against ``version``, rename it."""
+        await _settled(asyncio.get_running_loop().run_in_executor(None, sink.write, pieces, version), sink)
 
 
 async def _settled(work: Awaitable[None], sink: _TempFile) -> None:
@@ -194,90 +182,76 @@ async def _settled(work: Awaitable[None], sink: _TempFile) -> None:
         raise
 
 
-class Installer:
-    """Makes verified temp files durable and renames them into place, many per round.
+class Unsynced:
+    """Installed files not yet fsynced, each held open so that a later move or replace cannot hide it.
 
-    A round takes every file submitted since the last one, fsyncs them back to back, then
-    renames each over its final name; files submitted meanwhile wait for the next round.
-    A lone file waits for nothing: its writer thread installs it in its last hop (a solo round).
+    A verified file is renamed into place at once: every reader sees the right bytes (the page
+    cache is the file) without waiting for the disk. The client calls :meth:`sync` before each
+    state write, so the seq it acknowledges covers only durable files. After a power loss a file
+    not synced yet may be empty or missing, but then no state covers its event: the queue
+    redelivers it, and the check of what is there (size, mtime, SHA-256) fetches it again.
+    Thread-safe: writer threads add, the state writer's thread syncs.
     """
 
-    def __init__(self) -> None:
-        self._ready: list[tuple[_TempFile, asyncio.Future[None]]] = []
-        self._rounds: asyncio.Task[None] | None = None
-        self._solo = False
-        self.rounds = 0
+    def __init__(self, limit: int = MAX_UNSYNCED) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()  # guards the two collections
+        self._syncing = threading.Lock()  # one sync at a time: a sync returns after every earlier one
+        self._fds: list[int] = []
+        self._dirs: set[Path] = set()
+        self.syncs = 0
         self.files = 0
 
-    def claim_solo(self) -> bool:
-        """True when nothing is being installed: the caller installs its one file itself, then releases."""
-        if self._rounds is not None or self._ready or self._solo:
-            return False
-        self._solo = True
-        return True
+    def __len__(self) -> int:
+        return len(self._fds)
 
-    def release_solo(self, installed: bool) -> None:
-        self._solo = False
-        self.rounds += installed
-        self.files += installed
-        self._start()
+    def add(self, fd: int, directory: Path) -> None:
+        """Take ownership of ``fd``, a file just installed in ``directory`` (blocking when the limit is reached)."""
+        with self._lock:
+            self._fds.append(fd)
+            self._dirs.add(directory)
+            full = len(self._fds) >= self.limit
+        if full:
+            # Far ahead of the state writes (a backlog): sync here rather than hold thousands of descriptors.
+            self.sync()
 
-    def submit(self, sink: _TempFile) -> asyncio.Future[None]:
-        """A future done once ``sink`` is durable under its final name (or with the OSError that prevented it)."""
-        done = asyncio.get_running_loop().create_future()
-        self._ready.append((sink, done))
-        self._start()
-        return done
-
-    def _start(self) -> None:
-        if self._rounds is None and not self._solo and self._ready:
-            self._rounds = asyncio.get_running_loop().create_task(self._run(), name="install")
-
-    async def _run(self) -> None:
-        try:
-            while self._ready:
-                batch, self._ready = self._ready, []
-                errors = await asyncio.to_thread(_install_round, [sink for sink, _ in batch])
-                self.rounds += 1
-                self.files += len(batch)
-                for (_, done), error in zip(batch, errors):
-                    if done.done():
-                        continue
-                    if error is None:
-                        done.set_result(None)
-                    else:
-                        done.set_exception(error)
-        finally:
-            self._rounds = None
-            for _, done in self._ready:
-                done.cancel()
-            self._ready = []
-
-
-def _install_round(sinks: list[_TempFile]) -> list[OSError | None]:
-    """fsync every temp file, then rename each durable one into place (blocking)."""
-    errors: list[OSError | None] = []
-    for sink in sinks:
-        try:
-            sink.make_durable()
-            errors.append(None)
-        except OSError as exc:
-            errors.append(exc)
-    for i, sink in enumerate(sinks):
-        if errors[i] is None:
-            try:
-                _replace(sink.path, sink.final)
-                sink.installed = True
-            except OSError as exc:
-                errors[i] = exc
-    return errors
+    def sync(self) -> None:
+        """fsync every file added so far, then their directories (blocking: call it in a thread)."""
+        with self._syncing:
+            with self._lock:
+                fds, self._fds = self._fds, []
+                dirs, self._dirs = self._dirs, set()
+            error: OSError | None = None
+            for fd in fds:
+                try:
+                    os.fsync(fd)
+                except OSError as exc:  # EIO: these bytes may be lost; the state must not claim them
+                    error = error or exc
+                finally:
+                    os.close(fd)
+            for directory in dirs:
+                try:
+                    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                except (FileNotFoundError, NotADirectoryError):
+                    continue  # removed or replaced since: nothing of ours left to make durable there
+                try:
+                    os.fsync(dir_fd)
+                except OSError as exc:
+                    error = error or exc
+                finally:
+                    os.close(dir_fd)
+            self.syncs += 1
+            self.files += len(fds)
+            if error is not None:
+                raise error
 
 
 class _TempFile:
     """A hidden temp file next to ``final``, hashed as written (its methods block: call them in a thread)."""
 
-    def __init__(self, final: Path) -> None:
+    def __init__(self, final: Path, unsynced: Unsynced) -> None:
         self.final = final
+        self.unsynced = unsynced
         self.path = final.parent / temp_name()
         self.fd: int | None = None
         self.created = False
@@ -290,11 +264,9 @@ class _TempFile:
         for piece in pieces:
             self.hash.update(piece)
 
-    def write(self, pieces: list[bytes], last: FileVersion | None = None, install: bool = False) -> None:
-        """Append ``pieces``; with ``last`` (they end the file), also hash them, give the file its attributes, close it.
-
-        With ``install`` too, a file matching ``last`` is fsynced and renamed into place (StaleContent otherwise).
-        """
+    def write(self, pieces: list[bytes], last: FileVersion | None = None) -> None:
+        """Append ``pieces``; with ``last`` (they end the file), also hash them, give the file its attributes,
+        and rename it into place if it matches ``last`` (StaleContent otherwise)."""
         if self.fd is None:
             # Created in the writer thread: creating a file can wait for the journal another fsync commits.
             _prepare_parent(self.final)
@@ -307,19 +279,16 @@ class _TempFile:
             if self.size - self.written_back >= WRITEBACK_BYTES:
                 self._start_writeback()
             return
+        if problem := self.mismatch(last):
+            raise StaleContent(problem)
         os.fchmod(self.fd, last.mode)
         os.utime(self.fd, ns=(last.mtime_ns, last.mtime_ns))
-        if install:
-            if problem := self.mismatch(last):
-                raise StaleContent(problem)
-            os.fsync(self.fd)
-        else:
-            self._start_writeback()
-        os.close(self.fd)
-        self.fd = None
-        if install:
-            _replace(self.path, self.final)
-            self.installed = True
+        if self.written_back:
+            self._start_writeback()  # the tail of a large file: its sync then finds little left to write
+        _replace(self.path, self.final)
+        self.installed = True
+        fd, self.fd = self.fd, None
+        self.unsynced.add(fd, self.final.parent)
 
     def _append(self, pieces: list[bytes]) -> None:
         assert self.fd is not None
@@ -347,14 +316,6 @@ class _TempFile:
         if digest != version.digest:
             return f"digest {digest[:12]}... differs from the event's {version.digest[:12]}..."
         return None
-
-    def make_durable(self) -> None:
-        # Reopened here so that files waiting for a round hold no descriptor.
-        fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     def discard(self) -> None:
         if self.fd is not None:

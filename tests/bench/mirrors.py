@@ -112,9 +112,11 @@ class DlopboxMirror(Mirror):
         probe.unlink()
 
     def stop(self) -> None:
+        """Also after a start that failed half-way: whatever was started is stopped."""
         super().stop()
-        for service in (self.nginx, self.mongo, self.rabbit):
-            service.stop()
+        for name in ("nginx", "mongo", "rabbit"):
+            if (service := getattr(self, name, None)) is not None:
+                service.stop()
 
 
 def _http_ok(url: str) -> bool:

@@ -65,6 +65,9 @@ EVENTS_LIMIT_MAX = 10_000
 JOURNAL_PREFETCH = 64
 #: The keeper's writes may be big (a large rmdir or move); give them longer than a commit.
 KEEPER_TIMEOUT_FACTOR = 12
+#: Seconds between two writes of the journal mark (the last seq the keeper has seen in the journal). A mark
+#: that lags after a crash only makes the next start republish a few batches the clients then skip.
+JOURNAL_MARK_EVERY = 1.0
 SPOOL_MEMORY = 1024 * 1024
 #: How many backend timeouts a manifest request waits for the log to hold what was published.
 MANIFEST_CATCH_UP_FACTOR = 6
@@ -109,6 +112,15 @@ def _seqs(batch: Batch) -> tuple[int, int]:
     return batch.first_seq, batch.last_seq
 
 
+def _header_seqs(message: AbstractIncomingMessage) -> tuple[int, int] | None:
+    """(first_seq, last_seq) from a queued batch's headers, or None when they are missing or odd."""
+    headers = message.headers or {}
+    first, last = headers.get("first_seq"), headers.get("last_seq")
+    if type(first) is int and type(last) is int and 0 < first <= last:
+        return first, last
+    return None
+
+
 class Ingest:
     """The commit path: numbering, fan-out, pending and log-degraded states, the journal keeper."""
 
@@ -135,6 +147,8 @@ class Ingest:
         #: The direct log write of the batch published last; the next one starts after it ends.
         self._log_tail: asyncio.Future[bool] | None = None
         self._closing = False
+        #: The last seq seen in the journal, and the last one written as the journal mark.
+        self._journaled = self._journal_marked = 0
 
     # -- lifetime ----------------------------------------------------------------------------
 
@@ -159,6 +173,7 @@ class Ingest:
             await asyncio.wait([tail], timeout=2 * self.settings.backend_timeout)
             tail.cancel()
             await asyncio.gather(tail, return_exceptions=True)
+        await self._write_journal_mark(timeout=min(1.0, self.settings.backend_timeout))
         await self._close_amqp()
         await self.log.close()
 
@@ -166,7 +181,12 @@ class Ingest:
         await self._connect()
         self.ready.set()
         self.metrics.ready.set(1)
-        await self._keep_journal()
+        marker = asyncio.create_task(self._journal_mark_loop(), name="dlopbox-journal-mark")
+        try:
+            await self._keep_journal()
+        finally:
+            marker.cancel()
+            await asyncio.gather(marker, return_exceptions=True)
 
     async def _connect(self) -> None:
         """Retry until both backends answer and the journal is recovered; never crash-loop."""
@@ -232,6 +252,7 @@ class Ingest:
         drained = len(batches)
         self.next_seq = head + 1
         self.logged_through = head
+        self._journaled = self._journal_marked = journaled
         self.known.clear()
         for batch_id, first, last in await self.log.recent_batches(RECENT_BATCHES):
             self._remember(batch_id, first, last)
@@ -455,6 +476,12 @@ class Ingest:
             return None
 
     async def _from_journal(self, message: AbstractIncomingMessage) -> None:
+        seqs = _header_seqs(message)
+        if seqs is not None and seqs[1] <= self.logged_through:
+            # The common case: the direct write logged it already; its headers say so without parsing it.
+            self._journaled = max(self._journaled, seqs[1])
+            await message.ack()
+            return
         batch = await self._parse(message)
         if batch is None:
             await message.reject(requeue=False)
@@ -493,8 +520,25 @@ class Ingest:
             async with self.log_lock:
                 if last > self.logged_through:
                     await self._write(batch, self.settings.backend_timeout * KEEPER_TIMEOUT_FACTOR)
-        with pymongo.timeout(self.settings.backend_timeout):
-            await self.log.mark_journaled(last)
+        self._journaled = max(self._journaled, last)
+
+    async def _journal_mark_loop(self) -> None:
+        """Write the journal mark now and then: once per batch, it was a MongoDB write per batch."""
+        while True:
+            await asyncio.sleep(JOURNAL_MARK_EVERY)
+            await self._write_journal_mark()
+
+    async def _write_journal_mark(self, timeout: float | None = None) -> None:
+        seen = self._journaled
+        if seen <= self._journal_marked:
+            return
+        try:
+            with pymongo.timeout(timeout or self.settings.backend_timeout):
+                await self.log.mark_journaled(seen)
+        except PyMongoError as exc:
+            log.debug("cannot write the journal mark (seq %d) yet: %s: %s", seen, type(exc).__name__, exc)
+            return
+        self._journal_marked = max(self._journal_marked, seen)
 
     # -- reading -----------------------------------------------------------------------------
 

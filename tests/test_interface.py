@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 
 import aiohttp
 import pytest
@@ -170,6 +171,32 @@ async def test_seqs_stay_gap_free_across_an_interface_restart(rabbit, mongo, mon
         assert await db.seqs() == list(range(1, 8))
         messages = await queues.take(queues.names[0], 4)
         assert message_seqs(messages) == list(range(1, 8)), "a restart must not republish or skip"
+
+
+async def test_the_journal_mark_is_written_now_and_then_not_per_batch_and_on_stop(rabbit, mongo, mongo_db,
+                                                                                 monkeypatch):
+    """The keeper used to write the mark (last seq seen in the journal) once per batch: a MongoDB write each."""
+    marks: list[int] = []
+    real_mark = interface.EventLog.mark_journaled
+
+    async def counted_mark(self, seq: int) -> None:
+        marks.append(seq)
+        await real_mark(self, seq)
+
+    monkeypatch.setattr(interface.EventLog, "mark_journaled", counted_mark)
+    settings = settings_for(rabbit, mongo, mongo_db)
+    async with mongo_reader(mongo, mongo_db) as db, aiohttp.ClientSession() as http:
+        async with running(settings) as svc:
+            started = time.monotonic()
+            for i in range(40):
+                status, _ = await post_batch(http, svc.url, [write_event(f"f{i}")], f"mark-{i}")
+                assert status == 200
+            await asyncio.sleep(interface.JOURNAL_MARK_EVERY * 1.5)  # the keeper sees the last copies, one mark
+            during, elapsed = len(marks), time.monotonic() - started
+        assert (await db.db.meta.find_one({"_id": "journal"}))["seq"] == 40, "the stop writes the last mark"
+    assert 1 <= during <= min(39, elapsed / interface.JOURNAL_MARK_EVERY + 2), \
+        f"{during} journal marks for 40 batches in {elapsed:.1f} s"
+    assert marks == sorted(marks)
 
 
 async def test_get_events_filters_by_since_prefix_and_limit(rabbit, mongo, mongo_db):

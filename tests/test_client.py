@@ -295,6 +295,25 @@ async def test_a_write_whose_explanation_is_far_behind_in_the_queue_does_not_sta
         assert m.interface.manifest_requests == requests, "it resynced instead of following the queue"
 
 
+async def test_a_write_explained_by_an_event_dispatched_but_not_logged_yet_is_skipped_at_once(
+        upstream: FakeMaster, make_settings, client_queues, shared_dir, tmp_path, monkeypatch):
+    """The delete that explains the missing bytes is in the same message, and the interface's log lags:
+    only the events the client dispatched lately can tell, or it would wait and then resync."""
+    from dlopbox import client
+    monkeypatch.setattr(client, "STALE_PATIENCE", 3.0)
+    m = upstream
+    slave = tmp_path / "slave"
+    async with running(make_settings(client_queues[0], slave)):
+        await wait_synced(slave)
+        requests = m.interface.manifest_requests
+        gone = m.write("gone.txt", b"deleted before any slave could fetch it")
+        await m.publish(gone, m.delete("gone.txt"), m.write("kept.txt", b"kept"), logged=False)
+        await wait_equal(shared_dir, slave, timeout=20)
+        await wait_progress(m.interface, client_queues[0], m.interface.head)
+        await asyncio.sleep(client.STALE_PATIENCE + 1.5)  # past the point where it would have resynced
+        assert m.interface.manifest_requests == requests, "it resynced instead of using the events it had"
+
+
 async def test_write_whose_bytes_never_match_forces_a_resync(upstream: FakeMaster, make_settings, client_queues,
                                                              shared_dir, tmp_path, monkeypatch):
     from dlopbox import client

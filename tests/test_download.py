@@ -207,3 +207,48 @@ async def test_a_file_already_there_is_not_downloaded_and_an_empty_file_needs_no
     assert (slave / "sub" / "empty").read_bytes() == b""
     assert (slave / "sub" / "empty").stat().st_mode & 0o777 == 0o604
     assert not leftovers(slave)
+
+
+async def test_a_transfer_gone_silent_is_abandoned_and_retried(tmp_path: Path, monkeypatch):
+    """A peer that stops sending without closing (a network cut drops packets: no FIN, no RST) must
+    not hold a download for ever: past the read timeout it is retried on a new connection.
+    nginx cannot be made to go silent mid-body, so the peer here is a bare TCP server."""
+    data = os.urandom(200_000)
+    version = FileVersion(len(data), hashlib.sha256(data).hexdigest(), 0o644, 1_600_000_000_000_000_000)
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: %d\r\n" % len(data)
+    requests: list[int] = []
+    silent = asyncio.Event()
+    handlers: set[asyncio.Task[None]] = set()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handlers.add(asyncio.current_task())  # type: ignore[arg-type]
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            requests.append(len(requests) + 1)
+            if len(requests) == 1:
+                writer.write(head + b"\r\n" + data[:50_000])
+                await writer.drain()
+                silent.set()
+                await asyncio.sleep(3600)  # half a body, then nothing
+            writer.write(head + b"Connection: close\r\n\r\n" + data)
+            await writer.drain()
+        finally:
+            writer.close()
+
+    monkeypatch.setattr(download, "_TIMEOUT", aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=0.5))
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with aiohttp.ClientSession(auto_decompress=False) as session:
+            d = Downloader(session, f"http://127.0.0.1:{port}/", 1 << 20, 2)
+            await asyncio.wait_for(d.install("f", tmp_path / "f", version), 20)
+            await asyncio.to_thread(d.unsynced.sync)
+    finally:
+        server.close()
+        for task in handlers:
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+        await server.wait_closed()
+    assert silent.is_set() and requests == [1, 2]
+    assert (tmp_path / "f").read_bytes() == data
+    assert not leftovers(tmp_path)

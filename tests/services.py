@@ -17,6 +17,7 @@ import string
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -52,6 +53,21 @@ def free_port() -> int:
         _ISSUED_PORTS.add(port)
         return port
     raise RuntimeError(f"no free loopback port between 10000 and {low}")
+
+
+def http_request(url: str, *, data: bytes | None = None, token: str | None = None,
+                 timeout: float = 10) -> tuple[int, bytes]:
+    """A blocking GET (or POST of JSON ``data``): (status, body), error statuses included."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if data is not None:
+        headers["Content-Type"] = "application/json"
+    request = urllib.request.Request(url, data=data, headers=headers, method="GET" if data is None else "POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.read()
 
 
 def wait_until(check, timeout: float, what: str, interval: float = 0.1) -> None:

@@ -16,8 +16,6 @@ import json
 import os
 import secrets
 import string
-import urllib.error
-import urllib.request
 from typing import Any
 
 import aio_pika
@@ -34,6 +32,7 @@ from tests.interface_harness import (
     READ, WRITE, bound_queues, mongo_reader, post_batch, running, settings_for, write_event,
 )
 from tests.pipeline_harness import TOKEN, InterfaceProcess
+from tests.services import http_request
 
 DIGEST = hashlib.sha256(b"evil").hexdigest()
 
@@ -194,14 +193,7 @@ def test_a_client_refuses_any_undecodable_message_with_an_event_error(raw: bytes
 # -- the interface, fuzzed over HTTP ------------------------------------------------------------
 
 def post(url: str, data: bytes) -> tuple[int, bytes]:
-    request = urllib.request.Request(url, data=data, method="POST",
-                                     headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, exc.read()
+    return http_request(url, data=data, token=TOKEN, timeout=30)
 
 
 _junk = st.sampled_from([b"", b"{", b"null", b"[]", b'{"batch_id": 1}', b"\xff\xfe", b"{" * 500 + b"}" * 500])

@@ -15,7 +15,6 @@ import subprocess
 import time
 import traceback
 import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from collections.abc import Set as AbstractSet
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +24,7 @@ from typing import Any
 
 from tests.docker.helpers import Compose, container_port, describe_difference, inspect, run, tree
 from tests.faults import report
+from tests.services import http_request
 
 HERE = Path(__file__).resolve().parent
 CHURN = (HERE / "churn.py").read_text(encoding="utf-8")
@@ -136,14 +136,7 @@ class Deployment(Compose):
         return f"http://{container_port(self.interface, 5000)}"
 
     def get(self, path: str, token: str | None = None) -> tuple[int, bytes]:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        request = urllib.request.Request(self.url() + path, headers=headers)
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                return response.status, response.read()
-        except urllib.error.HTTPError as exc:
-            with exc:
-                return exc.code, exc.read()
+        return http_request(self.url() + path, token=token)
 
     def health(self) -> dict[str, Any]:
         return json.loads(self.get("/healthz")[1])

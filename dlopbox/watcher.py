@@ -987,6 +987,10 @@ class Watcher:
         for rel in paths:
             if self.ignore.path(rel) or not self.known.is_dir(parent_of(rel)):
                 continue
+            # Watched before it is read, like an arrival: a directory made inside one renamed before its
+            # creation was read has no watch (the watch by its old path failed), and a renamed tree
+            # brings it along unwatched; every later change inside it would go unseen.
+            self._watches.watch_tree(rel)
             result = await self._in_pool(scan_path, self.root, rel, self.ignore, self.known, self._abort)
             await self.apply_scan(rel, result, ts)
 

@@ -327,6 +327,21 @@ async def test_mkdir_p_then_immediate_writes_five_levels_deep_loses_no_file(root
         assert len([p for p in receiver.tree.entries if p.endswith(tuple(f"/f{i}" for i in range(40)))]) == 200
 
 
+async def test_a_directory_made_just_before_its_parent_is_renamed_is_watched_too(root: Path, receiver: Receiver):
+    """Its creation is read after the rename, when watching it by its old path fails: the fault
+    suite's master lost every later change inside such a directory (clients differed for good)."""
+    (root / "a").mkdir()
+    async with watching(root, receiver):
+        await wait_synced(receiver, root)
+        (root / "a" / "new").mkdir()
+        (root / "a").rename(root / "b")  # no await in between: the watcher reads both events after the rename
+        await wait_synced(receiver, root)
+        (root / "b" / "new" / "later.txt").write_bytes(b"made after the rename")
+        (root / "b" / "new" / "inner").mkdir()
+        (root / "b" / "new" / "inner" / "deeper.txt").write_bytes(b"and below")
+        await wait_synced(receiver, root)
+
+
 async def test_renaming_a_directory_of_a_thousand_files_is_one_move(root: Path, receiver: Receiver):
     def fill() -> None:
         for s in range(10):

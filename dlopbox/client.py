@@ -41,6 +41,11 @@ MAX_GAP_WAIT = 60.0
 REPORT_EVERY = 1.0
 #: Events remembered after dispatch, to explain a write whose bytes are gone.
 RECENT_EVENTS = 10_000
+#: Events read at once from the interface's log when a write's fate is not among the recent ones: a
+#: client replaying a backlog asked once per write (a query on the log each: ~15 writes a second).
+LOG_WINDOW = 2000
+#: Seconds a window read from the log answers "nothing logged yet" before it is read again.
+LOG_WINDOW_FRESH = 0.25
 #: Seconds a write's bytes may stay gone with nothing to explain it before the client resyncs.
 STALE_PATIENCE = 20.0
 #: Seconds between a change and the state write that covers it and everything applied meanwhile (it first
@@ -80,6 +85,9 @@ class Client:
         self._unexplained: dict[str, tuple[int, float]] = {}
         #: The events dispatched last: one may already explain a write that finds its bytes gone.
         self._recent: deque[Event] = deque(maxlen=RECENT_EVENTS)
+        #: The interface's log after some seq, read once for many lookups (see _logged_effect).
+        self._log_window: _LogWindow | None = None
+        self._log_window_lock = asyncio.Lock()
         self._acks: list[tuple[int, int, AbstractIncomingMessage]] = []  # heap by last_seq
         self._held: list[tuple[int, int, Batch, AbstractIncomingMessage]] = []  # heap by first_seq
         self._gap_deadline: float | None = None
@@ -378,17 +386,40 @@ class Client:
             effect, cause = _first_effect(path, [e for e in self._recent if e.seq is not None and e.seq > after])
             if effect is None:
                 try:
-                    logged = await self.api.events_since(after, prefix=path, limit=100)
+                    effect, cause = await self._logged_effect(path, after)
                 except (aiohttp.ClientError, APIError, TimeoutError, OSError) as exc:
                     log.debug("cannot ask the interface about %r: %s", path, exc)
-                    logged = []
-                effect, cause = _first_effect(path, [e for e in logged if e.seq is not None and e.seq > after])
             if effect is None:
                 return Fate(False, path)
             if effect is _GONE:
                 return Fate(True, path)
             assert isinstance(effect, str) and cause is not None and cause.seq is not None
             path, after = effect, cause.seq
+
+    async def _logged_effect(self, path: str, after: int) -> tuple[object, Event | None]:
+        """What the interface's log says happened to ``path`` after ``after`` (see :func:`_first_effect`).
+
+        One window of the log, read from the last applied seq, serves every lookup while it covers
+        it: a client replaying a backlog asks about many writes at once. A path-filtered query when
+        the window ends too early to tell.
+        """
+        async with self._log_window_lock:  # concurrent lookups share one read
+            for read in (False, True):
+                now = asyncio.get_running_loop().time()
+                window = self._log_window
+                if window is not None and window.after <= after:
+                    effect, cause = _first_effect(path, [e for e in window.events
+                                                         if e.seq is not None and e.seq > after])
+                    if effect is not None:
+                        return effect, cause
+                    if not window.full and now - window.read_at < LOG_WINDOW_FRESH:
+                        return None, None  # nothing about it in the log yet
+                    if read:
+                        break  # just read, and it ends too early: ask about this path alone
+                start = min(after, self.applied)
+                self._log_window = _LogWindow(start, now, await self.api.events_since(start, limit=LOG_WINDOW))
+        logged = await self.api.events_since(after, prefix=path, limit=100)
+        return _first_effect(path, [e for e in logged if e.seq is not None and e.seq > after])
 
     # -- persistence, acknowledgements, progress --------------------------------------------
 
@@ -438,6 +469,16 @@ class Client:
 
 
 _GONE = object()
+
+
+class _LogWindow:
+    """Events the interface logged after ``after``, as read at ``read_at`` (loop time)."""
+
+    __slots__ = ("after", "read_at", "events", "full")
+
+    def __init__(self, after: int, read_at: float, events: list[Event]) -> None:
+        self.after, self.read_at, self.events = after, read_at, events
+        self.full = len(events) >= LOG_WINDOW  # more may follow that it does not hold
 
 
 def _explains(event: Event, path: str) -> bool:

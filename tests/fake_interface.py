@@ -39,6 +39,7 @@ class FakeInterface:
         self.progress: dict[str, int] = {}
         self.last_seen: dict[str, float] = {}
         self.manifest_requests = 0
+        self.events_requests = 0
         self.url = ""
         self._runner: web.AppRunner | None = None
 
@@ -87,6 +88,7 @@ class FakeInterface:
         return response
 
     async def _events(self, request: web.Request) -> web.Response:
+        self.events_requests += 1
         since = int(request.query.get("since", 0))
         prefix = request.query.get("prefix")
         limit = int(request.query.get("limit", 100))

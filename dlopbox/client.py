@@ -43,9 +43,9 @@ REPORT_EVERY = 1.0
 RECENT_EVENTS = 10_000
 #: Events read at once from the interface's log when a write's fate is not among the recent ones: a
 #: client replaying a backlog asked once per write (a query on the log each: ~15 writes a second).
-LOG_WINDOW = 2000
-#: Seconds a window read from the log answers "nothing logged yet" before it is read again.
-LOG_WINDOW_FRESH = 0.25
+LOG_WINDOW = 500
+#: Seconds a window that held the whole log answers "nothing logged yet" before it is read again.
+LOG_WINDOW_FRESH = 0.5
 #: Seconds a write's bytes may stay gone with nothing to explain it before the client resyncs.
 STALE_PATIENCE = 20.0
 #: Seconds between a change and the state write that covers it and everything applied meanwhile (it first
@@ -399,25 +399,20 @@ class Client:
     async def _logged_effect(self, path: str, after: int) -> tuple[object, Event | None]:
         """What the interface's log says happened to ``path`` after ``after`` (see :func:`_first_effect`).
 
-        One window of the log, read from the last applied seq, serves every lookup while it covers
-        it: a client replaying a backlog asks about many writes at once. A path-filtered query when
-        the window ends too early to tell.
+        One window of the log serves every lookup it covers: a client replaying a backlog asks about
+        many writes at once. It is read again once it is older than LOG_WINDOW_FRESH (when it held the
+        whole log) or when a lookup starts past its end (when it did not); a lookup it cannot answer
+        asks about its path alone, as every lookup did before.
         """
         async with self._log_window_lock:  # concurrent lookups share one read
-            for read in (False, True):
-                now = asyncio.get_running_loop().time()
-                window = self._log_window
-                if window is not None and window.after <= after:
-                    effect, cause = _first_effect(path, [e for e in window.events
-                                                         if e.seq is not None and e.seq > after])
-                    if effect is not None:
-                        return effect, cause
-                    if not window.full and now - window.read_at < LOG_WINDOW_FRESH:
-                        return None, None  # nothing about it in the log yet
-                    if read:
-                        break  # just read, and it ends too early: ask about this path alone
-                start = min(after, self.applied)
-                self._log_window = _LogWindow(start, now, await self.api.events_since(start, limit=LOG_WINDOW))
+            now = asyncio.get_running_loop().time()
+            window = self._log_window
+            if (window is None or window.after > after or (window.full and after >= window.last_seq)
+                    or (not window.full and now - window.read_at >= LOG_WINDOW_FRESH)):
+                window = self._log_window = _LogWindow(after, now, await self.api.events_since(after, limit=LOG_WINDOW))
+            effect, cause = _first_effect(path, [e for e in window.events if e.seq is not None and e.seq > after])
+            if effect is not None or not window.full:
+                return effect, cause  # found, or the whole log holds nothing about it yet
         logged = await self.api.events_since(after, prefix=path, limit=100)
         return _first_effect(path, [e for e in logged if e.seq is not None and e.seq > after])
 
@@ -474,11 +469,12 @@ _GONE = object()
 class _LogWindow:
     """Events the interface logged after ``after``, as read at ``read_at`` (loop time)."""
 
-    __slots__ = ("after", "read_at", "events", "full")
+    __slots__ = ("after", "read_at", "events", "full", "last_seq")
 
     def __init__(self, after: int, read_at: float, events: list[Event]) -> None:
         self.after, self.read_at, self.events = after, read_at, events
         self.full = len(events) >= LOG_WINDOW  # more may follow that it does not hold
+        self.last_seq = max((e.seq for e in events if e.seq is not None), default=after)
 
 
 def _explains(event: Event, path: str) -> bool:

@@ -16,6 +16,7 @@ import heapq
 import itertools
 import logging
 from collections import deque
+from collections.abc import Iterable
 from pathlib import Path
 
 import aio_pika
@@ -383,7 +384,7 @@ class Client:
     async def _follow(self, path: str, after: int) -> Fate:
         while True:
             # Every event dispatched lately, applied or still pending, then the interface's log.
-            effect, cause = _first_effect(path, [e for e in self._recent if e.seq is not None and e.seq > after])
+            effect, cause = _first_effect(path, self._recent, after)
             if effect is None:
                 try:
                     effect, cause = await self._logged_effect(path, after)
@@ -410,11 +411,11 @@ class Client:
             if (window is None or window.after > after or (window.full and after >= window.last_seq)
                     or (not window.full and now - window.read_at >= LOG_WINDOW_FRESH)):
                 window = self._log_window = _LogWindow(after, now, await self.api.events_since(after, limit=LOG_WINDOW))
-            effect, cause = _first_effect(path, [e for e in window.events if e.seq is not None and e.seq > after])
+            effect, cause = _first_effect(path, window.events, after)
             if effect is not None or not window.full:
                 return effect, cause  # found, or the whole log holds nothing about it yet
         logged = await self.api.events_since(after, prefix=path, limit=100)
-        return _first_effect(path, [e for e in logged if e.seq is not None and e.seq > after])
+        return _first_effect(path, logged, after)
 
     # -- persistence, acknowledgements, progress --------------------------------------------
 
@@ -482,8 +483,11 @@ def _explains(event: Event, path: str) -> bool:
     return event.op is not Op.ATTRIB and event.op is not Op.MKDIR and event.affects(path)
 
 
-def _first_effect(path: str, later: list[Event]) -> tuple[object, Event | None]:
-    for event in later:
+def _first_effect(path: str, events: Iterable[Event], after: int) -> tuple[object, Event | None]:
+    """The first of ``events`` past seq ``after`` that affects ``path``, and what it does to it."""
+    for event in events:
+        if event.seq is None or event.seq <= after:
+            continue
         effect = _effect_on(path, event)
         if effect is not None:
             return effect, event

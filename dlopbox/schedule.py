@@ -27,7 +27,6 @@ class Job:
         self.task: asyncio.Task[None] | None = None
 
 
-
 class PathScheduler:
     def __init__(self, max_jobs: int = 1024) -> None:
         self._by_path: dict[str, dict[int, Job]] = {}

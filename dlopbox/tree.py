@@ -276,7 +276,6 @@ def diff(old: Tree, new: Tree) -> list[Event]:
     return events
 
 
-
 def _content_differs(a: Entry, b: Entry) -> bool:
     if a.size != b.size:
         return True

@@ -17,6 +17,7 @@ from typing import Any, BinaryIO
 import aiohttp
 import yarl
 
+from .errors import APIError
 from .events import Entry, Event, EventError
 from .tree import Tree
 
@@ -24,10 +25,6 @@ from .tree import Tree
 SPOOL_CHUNK = 1024 * 1024
 #: The interface holds a manifest request while its log catches up (up to 30 s by default).
 MANIFEST_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60)
-
-
-class APIError(RuntimeError):
-    """The interface answered something other than what the protocol promises."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,7 @@ from typing import TypeVar
 import uvloop
 
 T = TypeVar("T")
-log = logging.getLogger("dlopbox")
+log = logging.getLogger(__name__)
 
 
 def stop_on_signals(stop: asyncio.Event) -> None:

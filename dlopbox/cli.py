@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_service(module: str, settings: Any) -> int:
-    mod = importlib.import_module(f"dlopbox.{module}")
+    mod = importlib.import_module(f"dlopbox.{module}.service")
     serve(lambda stop: mod.run(settings, stop=stop))
     return 0
 
@@ -96,17 +96,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         match args.command:
             case "watch":
-                return _run_service("watcher", _settings(WatcherSettings, args).require("token"))
+                return _run_service("watch", _settings(WatcherSettings, args).require("token"))
             case "interface":
                 return _run_service("interface", _settings(InterfaceSettings, args).require("token", "read_token"))
             case "client":
                 return _run_service("client", _settings(ClientSettings, args).require("read_token"))
             case "status" | "verify":
-                tool = importlib.import_module("dlopbox.tools")
+                tool = importlib.import_module(f"dlopbox.tools.{args.command}")
                 settings = _settings(ClientSettings, args).require("read_token")
                 return serve(lambda stop: getattr(tool, args.command)(settings))
             case "loadtest":
-                tool = importlib.import_module("dlopbox.loadtest")
+                tool = importlib.import_module("dlopbox.tools.loadtest")
                 return serve(lambda stop: tool.run(args, stop=stop))
             case "broker-definitions":
                 from .broker import definitions_from_env

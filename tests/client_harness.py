@@ -14,11 +14,11 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from dlopbox import client
+from dlopbox.client import service as client
 from dlopbox.events import Event, Op
 from dlopbox.paths import url_path
 from dlopbox.settings import ClientSettings
-from dlopbox.state import STATE_DIR, TEMP_PREFIX
+from dlopbox.client.state import STATE_DIR, TEMP_PREFIX
 from dlopbox.tree import Tree, scan
 
 REPO = Path(__file__).resolve().parent.parent

@@ -16,7 +16,8 @@ import aio_pika
 import aiohttp
 from pymongo import AsyncMongoClient
 
-from dlopbox import broker, interface
+from dlopbox import broker
+from dlopbox.interface import service as interface
 from dlopbox.events import Batch, Event, Op
 from dlopbox.settings import InterfaceSettings
 from tests.services import free_port

@@ -18,9 +18,10 @@ from pathlib import Path
 import aio_pika
 import pytest
 
-from dlopbox import broker, client
+from dlopbox import broker
+from dlopbox.client import service as client
 from dlopbox.events import Event, Op
-from dlopbox.state import STATE_DIR, load_state
+from dlopbox.client.state import STATE_DIR, load_state
 from dlopbox.tree import file_digest
 from tests.client_harness import client_settings, leftovers, running, wait_equal
 from tests.fake_interface import FakeInterface, FakeMaster
@@ -275,7 +276,7 @@ async def test_a_write_whose_explanation_is_far_behind_in_the_queue_does_not_sta
     """Its bytes are gone (deleted on the master) and the delete comes many messages later, more than
     the prefetch, and is not in the interface's log yet: the client must go on (acknowledging) until
     it arrives, not hold every acknowledgement (so the broker stops delivering) and resync."""
-    from dlopbox import client
+    from dlopbox.client import service as client
     monkeypatch.setattr(client, "STALE_PATIENCE", 120.0)
     m = upstream
     slave = tmp_path / "slave"
@@ -299,7 +300,7 @@ async def test_a_write_explained_by_an_event_dispatched_but_not_logged_yet_is_sk
         upstream: FakeMaster, make_settings, client_queues, shared_dir, tmp_path, monkeypatch):
     """The delete that explains the missing bytes is in the same message, and the interface's log lags:
     only the events the client dispatched lately can tell, or it would wait and then resync."""
-    from dlopbox import client
+    from dlopbox.client import service as client
     monkeypatch.setattr(client, "STALE_PATIENCE", 3.0)
     m = upstream
     slave = tmp_path / "slave"
@@ -339,7 +340,7 @@ async def test_a_backlog_of_writes_explained_only_by_the_log_asks_it_once_not_on
 
 async def test_write_whose_bytes_never_match_forces_a_resync(upstream: FakeMaster, make_settings, client_queues,
                                                              shared_dir, tmp_path, monkeypatch):
-    from dlopbox import client
+    from dlopbox.client import service as client
     monkeypatch.setattr(client, "STALE_PATIENCE", 0.5)
     m = upstream
     slave = tmp_path / "slave"
@@ -427,8 +428,8 @@ async def test_client_rides_out_a_rabbitmq_restart(upstream: FakeMaster, make_se
 
 
 async def test_progress_bar_on_a_terminal_and_log_lines_otherwise(caplog):
-    from dlopbox.download import Counters
-    from dlopbox.progress import Progress
+    from dlopbox.client.download import Counters
+    from dlopbox.client.progress import Progress
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:

@@ -17,8 +17,10 @@ from pathlib import Path
 import aio_pika
 import pytest
 
-from dlopbox import broker, tools
-from dlopbox.state import load_state
+from dlopbox import broker
+from dlopbox.tools.status import status
+from dlopbox.tools.verify import verify
+from dlopbox.client.state import load_state
 from dlopbox.tree import scan
 from tests.client_harness import (BIG, RSS_LIMIT_KIB, FinalNameSampler, TreeSampler, leftovers, temp_files, until,
                                   wait_equal, write_big)
@@ -103,16 +105,16 @@ async def test_every_operation_reaches_three_slaves(pipeline: Pipeline, tmp_path
     # The operators' tools agree, against the real interface.
     for i, slave in enumerate(p.slaves):
         out = io.StringIO()
-        assert await tools.verify(p.client_settings(i), out) == 0, out.getvalue()
+        assert await verify(p.client_settings(i), out) == 0, out.getvalue()
     (p.slaves[0] / "stray").write_bytes(b"not on the master")
     out = io.StringIO()
-    assert await tools.verify(p.client_settings(0), out) == 1
+    assert await verify(p.client_settings(0), out) == 1
     assert "extra     stray" in out.getvalue()
     head = load_state(p.slaves[1]).seq
 
     async def everyone_reported() -> bool:
         out = io.StringIO()
-        assert await tools.status(p.client_settings(0), out) == 0
+        assert await status(p.client_settings(0), out) == 0
         rows = [line.split() for line in out.getvalue().splitlines()[1:-1]]
         # Lag 0 against the interface's head; at least the seq slave 1 had on disk when the trees matched.
         return sorted(r[0] for r in rows) == sorted(p.client_ids) and all(

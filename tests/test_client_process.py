@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dlopbox.state import load_state
+from dlopbox.client.state import load_state
 from tests.client_harness import (BIG, RSS_LIMIT_KIB, ClientProcess, FinalNameSampler, client_settings, leftovers,
                                   temp_files, until, wait_equal, write_big)
 from tests.fake_interface import FakeMaster

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from dlopbox.events import Event, Op
-from dlopbox.schedule import PathScheduler
+from dlopbox.client.schedule import PathScheduler
 
 
 def write(path: str, seq: int) -> Event:

@@ -11,8 +11,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from dlopbox import download
-from dlopbox.download import Downloader, FileVersion, StaleContent
+from dlopbox.client import download
+from dlopbox.client.download import Downloader, FileVersion, StaleContent
 from dlopbox.paths import url_path
 from tests.client_harness import leftovers
 

@@ -17,7 +17,7 @@ from schemathesis.specs.openapi.checks import negative_data_rejection, positive_
 from tests.pipeline_harness import TOKEN, InterfaceProcess
 
 REPO = Path(__file__).resolve().parent.parent
-schema = schemathesis.openapi.from_path(REPO / "dlopbox" / "openapi.yaml")
+schema = schemathesis.openapi.from_path(REPO / "dlopbox" / "interface" / "openapi.yaml")
 
 
 @schema.parametrize()

@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 import yaml
 
-from dlopbox import interface
+from dlopbox.interface import service as interface
 from dlopbox.events import Entry, Event, Op
 from dlopbox.tree import Tree
 from tests.interface_harness import (

@@ -20,7 +20,7 @@ import pytest
 from pymongo.errors import PyMongoError
 
 from dlopbox import broker
-from dlopbox.eventlog import EventLog
+from dlopbox.interface.eventlog import EventLog
 from dlopbox.events import Batch, Entry, Event, Op
 from dlopbox.tree import Tree
 from tests.interface_harness import (
@@ -215,7 +215,7 @@ async def test_a_frozen_broker_leaves_the_batch_pending_and_never_half_logged(ra
 
 KILLED_WRITER = r"""
 import asyncio, sys
-from dlopbox.eventlog import EventLog
+from dlopbox.interface.eventlog import EventLog
 from dlopbox.events import Batch, Event, Op
 
 async def main():

@@ -7,7 +7,7 @@ import os
 import threading
 from pathlib import Path
 
-from dlopbox.loadtest import loadtest, plot, summary
+from dlopbox.tools.loadtest import loadtest, plot, summary
 
 
 def mirror(root: Path, target: Path, stop: threading.Event, corrupt: str | None = None) -> None:

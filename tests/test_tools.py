@@ -9,7 +9,8 @@ import shutil
 import sys
 from datetime import datetime, timezone
 
-from dlopbox import tools
+from dlopbox.tools.status import status
+from dlopbox.tools.verify import verify
 from dlopbox.settings import ClientSettings
 from tests.client_harness import REPO
 from tests.fake_interface import FakeInterface
@@ -36,7 +37,7 @@ async def test_verify_passes_on_an_equal_tree_and_names_each_difference(shared_d
     try:
         settings = ClientSettings(target=slave, interface_url=url, read_token=fake.token)
         out = io.StringIO()
-        assert await tools.verify(settings, out) == 0, out.getvalue()
+        assert await verify(settings, out) == 0, out.getvalue()
         assert "OK" in out.getvalue() and "4 files, 1 directories" in out.getvalue()
 
         (slave / "a").write_bytes(b"AAAA")
@@ -46,7 +47,7 @@ async def test_verify_passes_on_an_equal_tree_and_names_each_difference(shared_d
         os.unlink(slave / "docs" / "报告.txt")
         (slave / "extra").write_bytes(b"x")
         out = io.StringIO()
-        assert await tools.verify(settings, out) == 1
+        assert await verify(settings, out) == 1
         text = out.getvalue()
         assert "differs   a  (content differs" in text
         assert "differs   b  (size 6 here, 4 on the master" in text
@@ -70,8 +71,8 @@ async def test_verify_and_status_fail_clearly_when_the_interface_refuses(shared_
     url = await fake.start()
     try:
         settings = ClientSettings(target=tmp_path, interface_url=url, read_token="wrong")
-        assert await tools.verify(settings, io.StringIO()) == 2
-        assert await tools.status(settings, io.StringIO()) == 2
+        assert await verify(settings, io.StringIO()) == 2
+        assert await status(settings, io.StringIO()) == 2
     finally:
         await fake.stop()
 
@@ -85,7 +86,7 @@ async def test_status_shows_each_client_with_its_lag(shared_dir):
         now = datetime.now(timezone.utc).timestamp()
         fake.last_seen.update({"laptop": now - 2, "kiosk-2": now - 600})
         out = io.StringIO()
-        assert await tools.status(ClientSettings(interface_url=url, read_token=fake.token), out) == 0
+        assert await status(ClientSettings(interface_url=url, read_token=fake.token), out) == 0
         lines = out.getvalue().splitlines()
         assert lines[0].split() == ["CLIENT", "SEQ", "LAG", "LAST", "SEEN"]
         assert lines[1].split()[:3] == ["kiosk-2", "57", "63"] and "(10m ago)" in lines[1]

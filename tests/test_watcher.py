@@ -27,7 +27,7 @@ import pytest
 from dlopbox.events import Entry, Event, Op
 from dlopbox.settings import DEFAULT_IGNORE, WatcherSettings
 from dlopbox.tree import Ignore, Tree, scan
-from dlopbox.watcher import SETTLE_S, Watcher, open_for_writing
+from dlopbox.watch.service import SETTLE_S, Watcher, open_for_writing
 from tests.receiver import Receiver
 
 MAX_QUEUED_EVENTS = Path("/proc/sys/fs/inotify/max_queued_events")

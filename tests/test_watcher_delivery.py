@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dlopbox.delivery import Delivery, OpenBatch
+from dlopbox.watch.delivery import Delivery, OpenBatch
 from dlopbox.events import Entry, Event, Op
 from dlopbox.paths import is_within
 from dlopbox.tree import Tree

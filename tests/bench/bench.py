@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from dlopbox.loadtest import ProcessProbe, loadtest  # noqa: E402
+from dlopbox.tools.loadtest import ProcessProbe, loadtest  # noqa: E402
 from tests.bench.mirrors import DlopboxMirror, LsyncdMirror, Mirror  # noqa: E402
 
 CHUNK = 4096

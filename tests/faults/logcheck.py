@@ -19,7 +19,7 @@ from collections import Counter
 
 import pymongo
 
-from dlopbox.eventlog import entry_from_doc, event_from_doc
+from dlopbox.interface.eventlog import entry_from_doc, event_from_doc
 from dlopbox.events import Event
 from dlopbox.tree import Tree
 

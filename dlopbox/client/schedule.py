@@ -14,8 +14,8 @@ import asyncio
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
-from .events import Event, Op
-from .paths import ancestors, is_within
+from ..events import Event, Op
+from ..paths import ancestors, is_within
 
 
 class Job:

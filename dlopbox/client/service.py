@@ -2,7 +2,7 @@
 
 The queue is declared and bound before anything else, so that on a first start no event
 can fall between the manifest and the queue. Each message is a batch of consecutively
-numbered events; they are applied through a :class:`~dlopbox.schedule.PathScheduler`
+numbered events; they are applied through a :class:`~dlopbox.client.schedule.PathScheduler`
 (related paths in order, the rest in parallel), and the message is acknowledged only once
 all its events are applied and the new seq is on disk. A message that does not follow the
 last seq is held briefly (redeliveries may arrive out of order), then a gap is repaired
@@ -23,18 +23,18 @@ import aio_pika
 import aiohttp
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
-from . import broker
-from .api import APIError, InterfaceAPI
+from .. import broker
+from ..api import APIError, InterfaceAPI
+from ..events import Batch, Event, EventError, Op
+from ..paths import UnsafePathError, is_within
+from ..settings import ClientSettings, SettingsError
 from .apply import Applier, Fate, Outcome, Unexplained
 from .download import Downloader
-from .events import Batch, Event, EventError, Op
-from .paths import UnsafePathError, is_within
 from .resync import Resync, ResyncFailed
 from .schedule import Job, PathScheduler
-from .settings import ClientSettings, SettingsError
 from .state import ClientState, load_state, remove_temp_files, save_state
 
-log = logging.getLogger("dlopbox.client")
+log = logging.getLogger(__name__)
 
 #: Seconds a message following a gap is held, waiting for the missing one, before resyncing.
 GAP_WAIT = 2.0

@@ -37,9 +37,9 @@ from pymongo import AsyncMongoClient, DeleteOne, ReplaceOne
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure, PyMongoError
 
-from .events import Batch, Entry, Event, Op
-from .paths import ancestors
-from .tree import Tree
+from ..events import Batch, Entry, Event, Op
+from ..paths import ancestors
+from ..tree import Tree
 
 log = logging.getLogger(__name__)
 

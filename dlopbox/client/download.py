@@ -26,11 +26,11 @@ from pathlib import Path
 import aiohttp
 import yarl
 
-from .paths import url_path
+from ..paths import url_path
+from ..tree import file_digest
 from .state import temp_name
-from .tree import file_digest
 
-log = logging.getLogger("dlopbox.client")
+log = logging.getLogger(__name__)
 
 EMPTY_DIGEST = hashlib.sha256(b"").hexdigest()
 #: nginx answers at once and streams without pause: 15 s without a byte is a dead connection (a

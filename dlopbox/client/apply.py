@@ -2,7 +2,7 @@
 
 Every path goes through :func:`dlopbox.paths.resolve`, which refuses a symlinked parent;
 a symlink standing at the final name is replaced or removed, never followed. Writes are
-downloaded into a temp file and renamed over the final name (see :mod:`dlopbox.download`);
+downloaded into a temp file and renamed over the final name (see :mod:`dlopbox.client.download`);
 moves are local renames, so a renamed 1 GiB file is not transferred again.
 """
 
@@ -19,11 +19,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..events import Event, Op
+from ..paths import resolve
 from .download import Downloader, FileVersion, StaleContent
-from .events import Event, Op
-from .paths import resolve
 
-log = logging.getLogger("dlopbox.client")
+log = logging.getLogger(__name__)
 
 #: Seconds a write whose bytes are gone waits here (for news) before it is left to the client to watch:
 #: holding its place longer would hold every later acknowledgement, so the queue would stop

@@ -8,7 +8,7 @@ pool, and items are released in the order they were read. The one exception: whe
 item's work takes long (a 1 GiB digest), items touching none of its paths, nor their
 ancestors, go first — each path's own history stays in order. A released item looks at
 :attr:`Watcher.known` — what the slaves have been told — emits only what changes it, and
-hands the events to :mod:`dlopbox.delivery`.
+hands the events to :mod:`dlopbox.watch.delivery`.
 
 Whenever events may have been lost (at start-up, on IN_Q_OVERFLOW, when the delivery buffer
 overflowed), a scan of the disk is diffed against what is known, which emits exactly the
@@ -48,13 +48,13 @@ import aiohttp
 from asyncinotify import Event as InotifyEvent
 from asyncinotify import Inotify, Mask, Watch
 
+from ..events import Entry, Event, Op
+from ..paths import MAX_PATH_BYTES, UnsafePathError, check_relpath, is_within, parent_of
+from ..settings import WatcherSettings
+from ..tree import HASH_CHUNK, Ignore, Tree, diff, entry_from_stat, scan
 from .delivery import Delivery
-from .events import Entry, Event, Op
-from .paths import MAX_PATH_BYTES, UnsafePathError, check_relpath, is_within, parent_of
-from .settings import WatcherSettings
-from .tree import HASH_CHUNK, Ignore, Tree, diff, entry_from_stat, scan
 
-log = logging.getLogger("dlopbox.watcher")
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 

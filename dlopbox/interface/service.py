@@ -47,12 +47,12 @@ from aio_pika.abc import AbstractRobustConnection
 from aiohttp import web
 from pymongo.errors import PyMongoError
 
-from . import broker
+from .. import broker
+from ..events import INT64_MAX, Batch, EventError
+from ..paths import UnsafePathError, check_relpath
+from ..settings import InterfaceSettings
 from .eventlog import EventLog, Unconfirmed, entry_from_doc
-from .events import INT64_MAX, Batch, EventError
 from .metrics import Metrics
-from .paths import UnsafePathError, check_relpath
-from .settings import InterfaceSettings
 
 log = logging.getLogger(__name__)
 

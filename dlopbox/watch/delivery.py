@@ -30,12 +30,12 @@ from collections.abc import Callable
 import aiohttp
 import yarl
 
-from .api import APIError, InterfaceAPI
-from .events import Batch, Event, Op
-from .paths import is_within
-from .tree import Tree
+from ..api import APIError, InterfaceAPI
+from ..events import Batch, Event, Op
+from ..paths import is_within
+from ..tree import Tree
 
-log = logging.getLogger("dlopbox.delivery")
+log = logging.getLogger(__name__)
 
 BACKOFF_FIRST_S = 0.05
 BACKOFF_MAX_S = 2.0

@@ -1,21 +1,20 @@
-"""`dlopbox verify` and `dlopbox status`: operators' views of how well the slaves follow."""
+"""`dlopbox verify`: is a slave's directory equal to the master's, and if not, where not."""
 
 from __future__ import annotations
 
 import asyncio
 import sys
 from datetime import datetime, timezone
-from typing import Any, TextIO
+from typing import TextIO
 
 import aiohttp
 
-from .api import APIError, InterfaceAPI
-from .events import Entry
-from .settings import ClientSettings
-from .state import load_state
-from .tree import Tree, scan
-
-_ERRORS = (aiohttp.ClientError, APIError, TimeoutError, OSError)
+from ..api import InterfaceAPI
+from ..client.state import load_state
+from ..errors import HTTP_ERRORS
+from ..events import Entry
+from ..settings import ClientSettings
+from ..tree import Tree, scan
 
 
 async def verify(settings: ClientSettings, out: TextIO | None = None) -> int:
@@ -27,7 +26,7 @@ async def verify(settings: ClientSettings, out: TextIO | None = None) -> int:
     try:
         async with aiohttp.ClientSession() as session:
             manifest = await InterfaceAPI(session, settings.interface_url, settings.read_token).manifest()
-    except _ERRORS as exc:
+    except HTTP_ERRORS as exc:
         print(f"dlopbox verify: cannot fetch the manifest from {settings.interface_url}: {exc}", file=sys.stderr)
         return 2
     local = await asyncio.to_thread(scan, settings.target)
@@ -86,46 +85,3 @@ def _when_ns(ns: int | None) -> str:
     if ns is None:
         return "?"
     return datetime.fromtimestamp(ns / 1e9, timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f UTC")
-
-
-async def status(settings: ClientSettings, out: TextIO | None = None) -> int:
-    """Print every client's seq, lag and last report as a table; 0 when the interface answered."""
-    out = out or sys.stdout
-    try:
-        async with aiohttp.ClientSession() as session:
-            body = await InterfaceAPI(session, settings.interface_url, settings.read_token).clients()
-    except _ERRORS as exc:
-        print(f"dlopbox status: cannot reach {settings.interface_url}: {exc}", file=sys.stderr)
-        return 2
-    print(render_status(body), file=out)
-    return 0
-
-
-def render_status(body: dict[str, Any], now: datetime | None = None) -> str:
-    now = now or datetime.now(timezone.utc)
-    rows = [("CLIENT", "SEQ", "LAG", "LAST SEEN")]
-    for c in body["clients"]:
-        rows.append((str(c.get("id")), str(c.get("seq")), str(c.get("lag")), _ago(c.get("last_seen"), now)))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = [f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}" for r in rows]
-    lines.append(f"head seq: {body.get('head')}, {len(body['clients'])} client(s)")
-    return "\n".join(lines)
-
-
-def _ago(value: object, now: datetime) -> str:
-    """An ISO timestamp (or unix seconds) as 'YYYY-MM-DD HH:MM:SS UTC (12s ago)'."""
-    when: datetime | None = None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        when = datetime.fromtimestamp(value, timezone.utc)
-    elif isinstance(value, str):
-        try:
-            when = datetime.fromisoformat(value)
-        except ValueError:
-            return value
-    if when is None:
-        return "never"
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    seconds = max(0, int((now - when).total_seconds()))
-    ago = f"{seconds}s" if seconds < 120 else f"{seconds // 60}m" if seconds < 7200 else f"{seconds // 3600}h"
-    return f"{when.astimezone(timezone.utc):%Y-%m-%d %H:%M:%S} UTC ({ago} ago)"

@@ -10,7 +10,7 @@ from typing import TextIO
 
 from .download import Counters
 
-log = logging.getLogger("dlopbox.client")
+log = logging.getLogger(__name__)
 
 BAR_WIDTH = 30
 

@@ -15,9 +15,9 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from .paths import RESERVED_PREFIX
+from ..paths import RESERVED_PREFIX
 
-log = logging.getLogger("dlopbox.client")
+log = logging.getLogger(__name__)
 
 STATE_DIR = RESERVED_PREFIX
 STATE_FILE = "state.json"

@@ -19,17 +19,17 @@ from typing import BinaryIO
 
 import aiohttp
 
-from .api import APIError, InterfaceAPI, read_spooled_entries
+from ..api import APIError, InterfaceAPI, read_spooled_entries
+from ..events import Entry, Event, Op
+from ..paths import UnsafePathError
+from ..tree import Tree, diff, scan
 from .apply import Applier, Outcome
 from .download import Downloader
-from .events import Entry, Event, Op
-from .paths import UnsafePathError
 from .progress import Progress
 from .schedule import Job, PathScheduler
 from .state import STATE_DIR
-from .tree import Tree, diff, scan
 
-log = logging.getLogger("dlopbox.client")
+log = logging.getLogger(__name__)
 
 MAX_FETCH_BACKOFF = 5.0  # the interface itself holds a manifest request while its log catches up
 

@@ -21,7 +21,6 @@ from .errors import APIError
 from .events import Entry, Event, EventError
 from .tree import Tree
 
-
 SPOOL_CHUNK = 1024 * 1024
 #: The interface holds a manifest request while its log catches up (up to 30 s by default).
 MANIFEST_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60)

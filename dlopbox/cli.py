@@ -12,7 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from .lifecycle import configure_logging, serve
-from .settings import ClientSettings, InterfaceSettings, SettingsError, WatcherSettings, markdown_table
+from .settings import (
+    ClientSettings,
+    InterfaceSettings,
+    SettingsError,
+    WatcherSettings,
+    markdown_table,
+)
 
 _DESCRIPTIONS = {
     "watch": "Watch the master's directory with inotify and post every change to the interface.",

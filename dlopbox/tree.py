@@ -14,8 +14,8 @@ import os
 import re
 import stat
 from collections.abc import Iterable, Iterator
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from .events import Entry, Event, Op
 from .paths import UnsafePathError, ancestors, check_relpath, is_reserved, parent_of

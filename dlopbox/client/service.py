@@ -21,7 +21,11 @@ from pathlib import Path
 
 import aio_pika
 import aiohttp
-from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+from aio_pika.abc import (
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
 
 from .. import broker
 from ..api import APIError, InterfaceAPI

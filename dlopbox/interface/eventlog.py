@@ -35,7 +35,12 @@ from typing import Any
 import pymongo
 from pymongo import AsyncMongoClient, DeleteOne, ReplaceOne
 from pymongo.asynchronous.client_session import AsyncClientSession
-from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure, PyMongoError
+from pymongo.errors import (
+    BulkWriteError,
+    DuplicateKeyError,
+    OperationFailure,
+    PyMongoError,
+)
 
 from ..events import Batch, Entry, Event, Op
 from ..paths import ancestors

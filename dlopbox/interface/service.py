@@ -34,16 +34,21 @@ import logging
 import tempfile
 import time
 from collections import OrderedDict
-from datetime import UTC
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC
 from importlib import resources
 from typing import IO, Any
 
 import aio_pika
 import pymongo
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractQueue
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
 from aiohttp import web
 from pymongo.errors import PyMongoError
 

@@ -11,9 +11,9 @@ import aio_pika
 import pytest
 
 from dlopbox import broker
-from tests.fake_interface import FakeInterface, FakeMaster
-from tests.pipeline_harness import InterfaceProcess
-from tests.services import NginxServer, RabbitNode, SecantusNode
+from tests.support.fake_interface import FakeInterface, FakeMaster
+from tests.support.pipeline_harness import InterfaceProcess
+from tests.support.services import NginxServer, RabbitNode, SecantusNode
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import pytest
 
 from dlopbox import broker
 from dlopbox.settings import SettingsError
-from tests.services import RabbitNode
+from tests.support.services import RabbitNode
 
 PASSWORDS = {"RABBITMQ_ADMIN_PASSWORD": "a", "RABBITMQ_INTERFACE_PASSWORD": "i", "RABBITMQ_CLIENT_PASSWORD": "c"}
 

@@ -20,11 +20,11 @@ import pytest
 
 from dlopbox import broker
 from dlopbox.client import service as client
-from dlopbox.events import Event, Op
 from dlopbox.client.state import STATE_DIR, load_state
+from dlopbox.events import Event, Op
 from dlopbox.tree import file_digest
-from tests.client_harness import client_settings, leftovers, running, wait_equal
-from tests.fake_interface import FakeInterface, FakeMaster
+from tests.support.client_harness import client_settings, leftovers, running, wait_equal
+from tests.support.fake_interface import FakeInterface, FakeMaster
 from tests.test_download import DiskLog
 
 

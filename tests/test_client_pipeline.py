@@ -18,13 +18,22 @@ import aio_pika
 import pytest
 
 from dlopbox import broker
+from dlopbox.client.state import load_state
 from dlopbox.tools.status import status
 from dlopbox.tools.verify import verify
-from dlopbox.client.state import load_state
 from dlopbox.tree import scan
-from tests.client_harness import (BIG, RSS_LIMIT_KIB, FinalNameSampler, TreeSampler, leftovers, temp_files, until,
-                                  wait_equal, write_big)
-from tests.pipeline_harness import Pipeline
+from tests.support.client_harness import (
+    BIG,
+    RSS_LIMIT_KIB,
+    FinalNameSampler,
+    TreeSampler,
+    leftovers,
+    temp_files,
+    wait_equal,
+    write_big,
+)
+from tests.support.pipeline_harness import Pipeline
+from tests.support.polling import eventually
 
 
 @pytest.fixture
@@ -53,7 +62,7 @@ async def converged(p: Pipeline, what: str, timeout: float = 60) -> None:
 
 async def synced(p: Pipeline, *indexes: int) -> None:
     for i in indexes or range(len(p.clients)):
-        await until(lambda: load_state(p.slaves[i]) is not None, 60, f"client {i}'s first sync")
+        await eventually(lambda: load_state(p.slaves[i]) is not None, 60, f"client {i}'s first sync")
 
 
 async def test_every_operation_reaches_three_slaves(pipeline: Pipeline, tmp_path):
@@ -227,7 +236,7 @@ async def test_client_killed_mid_download_then_restarted(pipeline: Pipeline):
     p.start()
     await synced(p)
     await asyncio.to_thread(write_big, p.master / "big.bin", BIG // 2, b"kill")
-    await until(lambda: temp_files(p.slaves[1]), 120, "client 1's download to start", interval=0.005)
+    await eventually(lambda: temp_files(p.slaves[1]), 120, "client 1's download to start", interval=0.005)
     p.clients[1].signal(signal.SIGKILL)
     p.clients[1].wait(10)
     assert not (p.slaves[1] / "big.bin").exists()
@@ -255,7 +264,7 @@ async def test_hostile_events_straight_to_a_client_queue_are_refused(pipeline: P
             await channel.default_exchange.publish(
                 aio_pika.Message(json.dumps(body).encode(), headers={"first_seq": seq + 1, "last_seq": seq + 1}),
                 routing_key=broker.queue_name(p.client_ids[0]))
-    await until(lambda: p.clients[0].log().count("REFUSED message") == 3, 30, "the refusals")
+    await eventually(lambda: p.clients[0].log().count("REFUSED message") == 3, 30, "the refusals")
     (p.master / "after").write_bytes(b"still in sync")
     await converged(p, "hostile events")
     assert not Path("/etc/x").exists() and not Path("/etc/x-absolute").exists()

@@ -14,9 +14,19 @@ from pathlib import Path
 import pytest
 
 from dlopbox.client.state import load_state
-from tests.client_harness import (BIG, RSS_LIMIT_KIB, ClientProcess, FinalNameSampler, client_settings, leftovers,
-                                  temp_files, until, wait_equal, write_big)
-from tests.fake_interface import FakeMaster
+from tests.support.client_harness import (
+    BIG,
+    RSS_LIMIT_KIB,
+    ClientProcess,
+    FinalNameSampler,
+    client_settings,
+    leftovers,
+    temp_files,
+    wait_equal,
+    write_big,
+)
+from tests.support.fake_interface import FakeMaster
+from tests.support.polling import eventually
 
 
 @pytest.fixture
@@ -57,14 +67,14 @@ async def test_200_mib_file_streams_in_bounded_memory_and_never_shows_partially(
     slave = tmp_path / "slave"
     client = process(slave)
     client.start()
-    await until(lambda: load_state(slave) is not None, 60, "the first sync")
+    await eventually(lambda: load_state(slave) is not None, 60, "the first sync")
 
     first = await asyncio.to_thread(write_big, shared_dir / "big.bin", BIG, b"v1")
     sampler = FinalNameSampler(slave / "big.bin", {first.digest: BIG})
     sampler.start()
     started = time.monotonic()
     await m.publish(first)
-    await until(lambda: _mtime_ns(slave / "big.bin") == first.mtime_ns, 120, "the download", interval=0.005)
+    await eventually(lambda: _mtime_ns(slave / "big.bin") == first.mtime_ns, 120, "the download", interval=0.005)
     client_seconds = time.monotonic() - started  # publish -> consumed, streamed, hashed, fsync'd, renamed
     await wait_equal(shared_dir, slave, timeout=120)
 
@@ -100,10 +110,10 @@ async def test_sigkill_mid_download_then_restart_leaves_no_partial_or_temp_file(
     slave = tmp_path / "slave"
     client = process(slave)
     client.start()
-    await until(lambda: load_state(slave) is not None, 60, "the first sync")
+    await eventually(lambda: load_state(slave) is not None, 60, "the first sync")
     event = await asyncio.to_thread(write_big, shared_dir / "big.bin", BIG, b"kill")
     await m.publish(event, m.write("small-after", b"queued behind it"))
-    await until(lambda: temp_files(slave), 60, "the download to start", interval=0.005)
+    await eventually(lambda: temp_files(slave), 60, "the download to start", interval=0.005)
     client.signal(signal.SIGKILL)
     await client.exited(10)
     assert not (slave / "big.bin").exists(), "a partial file under its final name"
@@ -122,10 +132,10 @@ async def test_sigterm_mid_download_stops_within_seconds_and_resumes(upstream: F
     slave = tmp_path / "slave"
     client = process(slave)
     client.start()
-    await until(lambda: load_state(slave) is not None, 60, "the first sync")
+    await eventually(lambda: load_state(slave) is not None, 60, "the first sync")
     event = await asyncio.to_thread(write_big, shared_dir / "big.bin", BIG, b"term")
     await m.publish(event)
-    await until(lambda: temp_files(slave), 60, "the download to start", interval=0.005)
+    await eventually(lambda: temp_files(slave), 60, "the download to start", interval=0.005)
     started = time.monotonic()
     client.signal(signal.SIGTERM)
     assert await client.exited(10) == 0
@@ -136,7 +146,7 @@ async def test_sigterm_mid_download_stops_within_seconds_and_resumes(upstream: F
     client.start()
     # The first process may have finished the file within its shutdown grace: then the slave is
     # already equal, so wait for the second one to be up before stopping it.
-    await until(lambda: client.log().count(": queue ") == 2, 60, "the restarted client to consume its queue")
+    await eventually(lambda: client.log().count(": queue ") == 2, 60, "the restarted client to consume its queue")
     await wait_equal(shared_dir, slave, timeout=120)
     assert await client.stopped() == 0
     assert load_state(slave).seq == m.interface.head
@@ -148,7 +158,7 @@ async def test_a_backlog_of_10000_events_is_consumed_in_bounded_memory(upstream:
     slave = tmp_path / "slave"
     client = process(slave)
     client.start()
-    await until(lambda: load_state(slave) is not None, 60, "the first sync")
+    await eventually(lambda: load_state(slave) is not None, 60, "the first sync")
     assert await client.stopped() == 0
 
     def make_files() -> list:
@@ -160,7 +170,7 @@ async def test_a_backlog_of_10000_events_is_consumed_in_bounded_memory(upstream:
     started = time.monotonic()
     client.start()
     head = m.interface.head
-    await until(lambda: (load_state(slave).seq or 0) >= head, 240, "the backlog", interval=0.1)
+    await eventually(lambda: (load_state(slave).seq or 0) >= head, 240, "the backlog", interval=0.1)
     seconds = time.monotonic() - started
     await wait_equal(shared_dir, slave, timeout=60)
     rss_kib = client.peak_rss_kib()

@@ -14,7 +14,7 @@ import pytest
 from dlopbox.client import download
 from dlopbox.client.download import Downloader, FileVersion, StaleContent
 from dlopbox.paths import url_path
-from tests.client_harness import leftovers
+from tests.support.client_harness import leftovers
 
 pytestmark = pytest.mark.timeout(60)
 

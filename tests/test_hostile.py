@@ -28,11 +28,18 @@ from hypothesis import strategies as st
 from dlopbox import broker
 from dlopbox.events import Batch, EventError
 from dlopbox.paths import RESERVED_PREFIX, check_relpath
-from tests.interface_harness import (
-    READ, WRITE, bound_queues, mongo_reader, post_batch, running, settings_for, write_event,
+from tests.support.interface_harness import (
+    READ,
+    WRITE,
+    bound_queues,
+    mongo_reader,
+    post_batch,
+    running,
+    settings_for,
+    write_event,
 )
-from tests.pipeline_harness import TOKEN, InterfaceProcess
-from tests.services import http_request
+from tests.support.pipeline_harness import TOKEN, InterfaceProcess
+from tests.support.services import http_request
 
 DIGEST = hashlib.sha256(b"evil").hexdigest()
 

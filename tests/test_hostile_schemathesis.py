@@ -12,9 +12,12 @@ from pathlib import Path
 
 import schemathesis
 from hypothesis import HealthCheck, settings
-from schemathesis.specs.openapi.checks import negative_data_rejection, positive_data_acceptance
+from schemathesis.specs.openapi.checks import (
+    negative_data_rejection,
+    positive_data_acceptance,
+)
 
-from tests.pipeline_harness import TOKEN, InterfaceProcess
+from tests.support.pipeline_harness import TOKEN, InterfaceProcess
 
 REPO = Path(__file__).resolve().parent.parent
 schema = schemathesis.openapi.from_path(REPO / "dlopbox" / "interface" / "openapi.yaml")

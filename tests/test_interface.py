@@ -11,12 +11,25 @@ import aiohttp
 import pytest
 import yaml
 
-from dlopbox.interface import service as interface
 from dlopbox.events import Entry, Event, Op
+from dlopbox.interface import service as interface
 from dlopbox.tree import Tree
-from tests.interface_harness import (
-    READ, READ_TOKEN, TOKEN, WRITE, batch_body, bound_queues, message_seqs, mongo_reader, ndjson, numbered_events,
-    post_batch, running, settings_for, without_seq, write_event,
+from tests.support.interface_harness import (
+    READ,
+    READ_TOKEN,
+    TOKEN,
+    WRITE,
+    batch_body,
+    bound_queues,
+    message_seqs,
+    mongo_reader,
+    ndjson,
+    numbered_events,
+    post_batch,
+    running,
+    settings_for,
+    without_seq,
+    write_event,
 )
 
 pytestmark = pytest.mark.usefixtures("clean_journal")
@@ -389,7 +402,7 @@ async def test_healthz_and_metrics(rabbit, mongo, mongo_db):
 
 
 async def test_without_backends_it_answers_503_and_keeps_trying(rabbit, mongo, mongo_db):
-    from tests.services import free_port
+    from tests.support.services import free_port
 
     settings = settings_for(rabbit, mongo, mongo_db, mongo_url=f"mongodb://127.0.0.1:{free_port()}/?directConnection=true",
                             backend_timeout=0.5)

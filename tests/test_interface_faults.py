@@ -20,13 +20,23 @@ import pytest
 from pymongo.errors import PyMongoError
 
 from dlopbox import broker
-from dlopbox.interface.eventlog import EventLog
 from dlopbox.events import Batch, Entry, Event, Op
+from dlopbox.interface.eventlog import EventLog
 from dlopbox.tree import Tree
-from tests.interface_harness import (
-    READ, WRITE, batch_body, bound_queues, message_seqs, mongo_reader, numbered_events, poll, post_batch, running,
-    settings_for, write_event,
+from tests.support.interface_harness import (
+    READ,
+    WRITE,
+    batch_body,
+    bound_queues,
+    message_seqs,
+    mongo_reader,
+    numbered_events,
+    post_batch,
+    running,
+    settings_for,
+    write_event,
 )
+from tests.support.polling import eventually
 
 pytestmark = pytest.mark.usefixtures("clean_journal")
 
@@ -80,7 +90,7 @@ async def test_with_rabbitmq_stopped_posts_get_503_and_the_retried_batch_lands_o
         async def retry() -> dict | None:
             status, reply = await post_batch(http, svc.url, retried, "retried")
             return reply if status == 200 else None
-        reply = await poll(retry, timeout=90, interval=0.5, what="the retried batch accepted")
+        reply = await eventually(retry, timeout=90, interval=0.5, what="the retried batch accepted")
         assert (reply["first_seq"], reply["last_seq"], reply["logged"]) == (3, 4, True)
         status, again = await post_batch(http, svc.url, retried, "retried")
         assert (status, again) == (200, reply)
@@ -89,7 +99,7 @@ async def test_with_rabbitmq_stopped_posts_get_503_and_the_retried_batch_lands_o
         assert await db.seqs() == [1, 2, 3, 4, 5]
         assert set(await db.state()) == {"dir", "dir/during.txt", "after.txt"}
         # The journal keeper consumes again after the broker's restart.
-        await poll(lambda: journal_depth(rabbit, 0), timeout=30, what="the journal consumed")
+        await eventually(lambda: journal_depth(rabbit, 0), timeout=30, what="the journal consumed")
         async with bound_queues(rabbit, []) as queues:
             for name in ("dlopbox.client." + i for i in client_queues[:2]):
                 messages = await queues.take(name, 3)
@@ -132,7 +142,7 @@ async def test_with_mongodb_stopped_sync_keeps_flowing_and_the_log_catches_up(ra
         async def caught_up() -> bool:
             status, body = await health(http, svc.url)
             return status == 200 and body["logged"] == ends[3] and not body["log_degraded"]
-        await poll(caught_up, timeout=90, interval=0.3, what="the log caught up")
+        await eventually(caught_up, timeout=90, interval=0.3, what="the log caught up")
         for i in (4, 5):
             status, reply = await post_batch(http, svc.url, batches[i], f"m{i}")
             assert (status, reply["logged"]) == (200, True)
@@ -196,7 +206,7 @@ async def test_a_frozen_broker_leaves_the_batch_pending_and_never_half_logged(ra
         async def retry() -> dict | None:
             status, reply = await post_batch(http, svc.url, [write_event("frozen-1"), write_event("frozen-2")], "frozen")
             return reply if status == 200 else None
-        reply = await poll(retry, timeout=60, interval=0.5, what="the pending batch published")
+        reply = await eventually(retry, timeout=60, interval=0.5, what="the pending batch published")
         assert (reply["first_seq"], reply["last_seq"], reply["logged"]) == (2, 3, True)
         status, reply = await post_batch(http, svc.url, [write_event("other")], "other")
         assert (status, reply["first_seq"]) == (200, 4)

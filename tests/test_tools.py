@@ -9,11 +9,11 @@ import shutil
 import sys
 from datetime import datetime, timezone
 
+from dlopbox.settings import ClientSettings
 from dlopbox.tools.status import status
 from dlopbox.tools.verify import verify
-from dlopbox.settings import ClientSettings
-from tests.client_harness import REPO
-from tests.fake_interface import FakeInterface
+from tests.support.client_harness import REPO
+from tests.support.fake_interface import FakeInterface
 
 
 async def run_cli(*args: str) -> tuple[int, str]:

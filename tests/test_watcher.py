@@ -28,7 +28,8 @@ from dlopbox.events import Entry, Event, Op
 from dlopbox.settings import DEFAULT_IGNORE, WatcherSettings
 from dlopbox.tree import Ignore, Tree, scan
 from dlopbox.watch.service import SETTLE_S, Watcher, open_for_writing
-from tests.receiver import Receiver
+from tests.support.polling import eventually
+from tests.support.receiver import Receiver
 
 MAX_QUEUED_EVENTS = Path("/proc/sys/fs/inotify/max_queued_events")
 
@@ -48,23 +49,6 @@ def root(tmp_path: Path) -> Path:
     return path
 
 
-async def wait_until(condition: Callable[[], Any], timeout: float = 60.0, message: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    delay = 0.005
-    while not await _holds(condition):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
-        await asyncio.sleep(delay)
-        delay = min(delay * 1.5, 0.25)
-
-
-async def _holds(condition: Callable[[], Any]) -> bool:
-    result = condition()
-    if asyncio.iscoroutine(result):
-        result = await result
-    return bool(result)
-
-
 def strip(tree: Tree) -> dict[str, Entry]:
     return {p: dataclasses.replace(e, seq=None) for p, e in tree.entries.items()}
 
@@ -78,7 +62,7 @@ async def wait_synced(receiver: Receiver, root: Path, timeout: float = 60.0) -> 
         return strip(receiver.tree) == await disk(root)
 
     try:
-        await wait_until(synced, timeout, "the receiver's tree to equal the disk")
+        await eventually(synced, timeout, "the receiver's tree to equal the disk")
     except AssertionError:
         mine, theirs = await disk(root), strip(receiver.tree)
         missing = sorted(set(mine) - set(theirs))[:10]
@@ -112,9 +96,9 @@ async def watching(root: Path, receiver: Receiver, on_inotify: Callable[[], obje
             task = asyncio.create_task(watcher.run(stop))
             try:
                 if on_inotify is not None:
-                    await wait_until(lambda: hasattr(watcher, "_inotify") or task.done(), 30, "inotify")
+                    await eventually(lambda: hasattr(watcher, "_inotify") or task.done(), 30, "inotify")
                     on_inotify()
-                await wait_until(lambda: watcher.ready.is_set() or task.done(), 60, "the watcher to start")
+                await eventually(lambda: watcher.ready.is_set() or task.done(), 60, "the watcher to start")
                 if task.done():
                     task.result()
                 yield watcher
@@ -382,7 +366,7 @@ async def test_ten_thousand_files_in_a_burst_arrive_in_few_requests_none_missing
         started = time.monotonic()
         await asyncio.to_thread(create)
         created = time.monotonic()
-        await wait_until(lambda: all(n in receiver.tree for n in names), 120, "every file")
+        await eventually(lambda: all(n in receiver.tree for n in names), 120, "every file")
         arrived = time.monotonic()
         await wait_synced(receiver, root)
         writes = [e.path for e in receiver.events(mark) if e.op is Op.WRITE]
@@ -410,7 +394,7 @@ async def test_an_interface_outage_of_five_seconds_during_a_burst_loses_nothing_
     async with watching(root, receiver, batch_ms=5.0):
         mark = receiver.seq
         writer = asyncio.create_task(asyncio.to_thread(burst))
-        await wait_until(lambda: "f0010" in receiver.tree, 30, "the burst to start arriving")
+        await eventually(lambda: "f0010" in receiver.tree, 30, "the burst to start arriving")
         if outage == "down":
             await receiver.stop()
         else:
@@ -451,7 +435,7 @@ async def test_the_buffer_overflowing_while_the_interface_is_down_ends_in_a_reco
         for i in range(300):
             (root / f"n{i}").write_bytes(b"new")
         shutil.rmtree(root / "old")
-        await wait_until(lambda: watcher.delivery.lost, 30, "the buffer to overflow")
+        await eventually(lambda: watcher.delivery.lost, 30, "the buffer to overflow")
         # While it waits for the interface, what it reads is dropped (its reconcile will see it),
         # moves included: one not paired in time, then paired, must not upset it.
         for i in range(20):
@@ -579,7 +563,7 @@ async def test_sigterm_makes_the_cli_flush_and_exit_within_seconds(root: Path, r
         sys.executable, "-m", "dlopbox", "watch", "--batch-ms", "600000", env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     try:
-        await wait_until(lambda: receiver.manifests > 0, 30, "the watcher to read the manifest")
+        await eventually(lambda: receiver.manifests > 0, 30, "the watcher to read the manifest")
         await asyncio.sleep(0.5)
         (root / "last-words").write_bytes(b"bye")
         await asyncio.sleep(1)  # read, hashed and held in a batch that would stay open for ten minutes
@@ -602,9 +586,9 @@ async def test_stop_flushes_what_is_buffered_and_exits_within_seconds(root: Path
     async with aiohttp.ClientSession() as session:
         watcher = Watcher(settings, session)
         task = asyncio.create_task(watcher.run(stop))
-        await wait_until(lambda: watcher.ready.is_set(), 30, "the watcher to start")
+        await eventually(lambda: watcher.ready.is_set(), 30, "the watcher to start")
         (root / "last-words").write_bytes(b"bye")
-        await wait_until(lambda: watcher.delivery.buffered == 1, 30, "the event to be buffered")
+        await eventually(lambda: watcher.delivery.buffered == 1, 30, "the event to be buffered")
         assert receiver.posts == 0
         started = time.monotonic()
         stop.set()
@@ -665,7 +649,7 @@ async def test_latency_of_one_small_file_is_milliseconds_plus_the_batch_window(r
             count = len(receiver.received)
             (root / f"one-{i}").write_bytes(b"x")
             closed = time.time()
-            await wait_until(lambda: len(receiver.received) > count, 10, "the POST")
+            await eventually(lambda: len(receiver.received) > count, 10, "the POST")
             latencies.append(receiver.received[-1].at - closed)
             await asyncio.sleep(0.02)
     latencies.sort()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import time
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -12,11 +11,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dlopbox.watch.delivery import Delivery, OpenBatch
 from dlopbox.events import Entry, Event, Op
 from dlopbox.paths import is_within
 from dlopbox.tree import Tree
-from tests.receiver import Receiver
+from dlopbox.watch.delivery import Delivery, OpenBatch
+from tests.support.polling import eventually
+from tests.support.receiver import Receiver
 
 DIGESTS = ["aa" * 32, "bb" * 32, "cc" * 32]
 
@@ -157,16 +157,6 @@ async def receiver() -> AsyncIterator[Receiver]:
     await r.stop()
 
 
-async def wait_until(condition, timeout: float = 30.0, message: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    delay = 0.005
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
-        await asyncio.sleep(delay)
-        delay = min(delay * 1.5, 0.2)
-
-
 async def test_batches_are_sent_in_order_retried_with_the_same_id_and_split_when_too_large(receiver: Receiver):
     async with aiohttp.ClientSession() as session:
         delivery = Delivery(session, receiver.url, receiver.token, batch_ms=5, batch_max=100, buffer_max=10_000)
@@ -175,7 +165,7 @@ async def test_batches_are_sent_in_order_retried_with_the_same_id_and_split_when
             receiver.status = 503
             for i in range(250):
                 delivery.add(write(f"f{i}"), created=True)
-            await wait_until(lambda: receiver.posts >= 3, message="retries")
+            await eventually(lambda: receiver.posts >= 3, what="retries")
             assert receiver.received == []
             receiver.status = None
             await asyncio.wait_for(delivery.wait_idle(), 30)

@@ -18,7 +18,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.services import NginxServer, RabbitNode, SecantusNode, free_port, wait_until
+from tests.support.polling import eventually_blocking
+from tests.support.services import NginxServer, RabbitNode, SecantusNode, free_port
 
 
 class Mirror:
@@ -78,7 +79,7 @@ class LsyncdMirror(Mirror):
         # lsyncd starts with a full rsync of each target; wait for a probe file to arrive everywhere.
         probe = self.master / f"probe-{secrets.token_hex(3)}"
         probe.write_text("ready")
-        wait_until(lambda: self.check_alive() or all((t / probe.name).exists() for t in self.targets), 60, "lsyncd")
+        eventually_blocking(lambda: self.check_alive() or all((t / probe.name).exists() for t in self.targets), 60, "lsyncd")
         probe.unlink()
 
 
@@ -100,7 +101,7 @@ class DlopboxMirror(Mirror):
         self._spawn("interface", [*dlopbox, "interface"], {
             **base, "DLOPBOX_HOST": "127.0.0.1", "DLOPBOX_PORT": str(port),
             "DLOPBOX_MONGO_URL": self.mongo.url, "DLOPBOX_AMQP_URL": self.rabbit.interface_url})
-        wait_until(lambda: self.check_alive() or _http_ok(interface_url + "/healthz"), 60, "interface")
+        eventually_blocking(lambda: self.check_alive() or _http_ok(interface_url + "/healthz"), 60, "interface")
         self._spawn("watcher", [*dlopbox, "watch"], {**base, "DLOPBOX_ROOT": str(self.master)})
         for i, target in enumerate(self.targets):
             self._spawn(f"client{i}", [*dlopbox, "client"], {
@@ -108,7 +109,7 @@ class DlopboxMirror(Mirror):
                 "DLOPBOX_AMQP_URL": self.rabbit.client_url, "DLOPBOX_FILES_URL": self.nginx.url})
         probe = self.master / f"probe-{secrets.token_hex(3)}"
         probe.write_text("ready")
-        wait_until(lambda: self.check_alive() or all((t / probe.name).exists() for t in self.targets), 120, "dlopbox")
+        eventually_blocking(lambda: self.check_alive() or all((t / probe.name).exists() for t in self.targets), 120, "dlopbox")
         probe.unlink()
 
     def stop(self) -> None:

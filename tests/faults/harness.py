@@ -22,9 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.docker.helpers import Compose, container_port, describe_difference, inspect, run, tree
+from tests.docker.helpers import (
+    Compose,
+    container_port,
+    describe_difference,
+    inspect,
+    run,
+    tree,
+)
 from tests.faults import report
-from tests.services import http_request
+from tests.support.services import http_request
 
 HERE = Path(__file__).resolve().parent
 CHURN = (HERE / "churn.py").read_text(encoding="utf-8")

@@ -19,7 +19,14 @@ import pytest
 from dlopbox import broker
 from dlopbox.events import Event, Op
 from dlopbox.tree import Tree
-from tests.interface_harness import mongo_reader, poll, post_batch, running, settings_for, write_event
+from tests.support.interface_harness import (
+    mongo_reader,
+    post_batch,
+    running,
+    settings_for,
+    write_event,
+)
+from tests.support.polling import eventually
 from tests.test_interface_faults import stopped
 
 pytestmark = [pytest.mark.faults, pytest.mark.usefixtures("clean_journal")]
@@ -38,7 +45,7 @@ async def test_after_a_rabbitmq_restart_the_journal_has_one_consumer_and_the_log
     caplog.set_level(logging.INFO, logger="dlopbox.interface")
     async with running(settings_for(rabbit, mongo, mongo_db)) as svc, mongo_reader(mongo, mongo_db) as db, \
             aiohttp.ClientSession() as http:
-        await poll(lambda: _equals(journal_consumers(rabbit), 1), timeout=30, what="the keeper consuming")
+        await eventually(lambda: _equals(journal_consumers(rabbit), 1), timeout=30, what="the keeper consuming")
         # The keeper must be busy when the broker goes away: its ack then fails on the dead channel.
         stop = asyncio.Event()
 
@@ -61,7 +68,7 @@ async def test_after_a_rabbitmq_restart_the_journal_has_one_consumer_and_the_log
         async def healthy() -> bool:
             async with http.get(svc.url + "/healthz") as r:
                 return r.status == 200
-        await poll(healthy, timeout=90, interval=0.5, what="the interface healthy again")
+        await eventually(healthy, timeout=90, interval=0.5, what="the interface healthy again")
         await asyncio.sleep(3)  # aio-pika restores consumers a moment after the reconnect
         assert await journal_consumers(rabbit) == 1, "a ghost consumer shares the journal with the keeper"
 
@@ -75,7 +82,7 @@ async def test_after_a_rabbitmq_restart_the_journal_has_one_consumer_and_the_log
             assert status == 200, reply
             for e in events:
                 model.apply(e)
-        await poll(lambda: _logged(db, reply["last_seq"]), timeout=60, what="every batch logged")
+        await eventually(lambda: _logged(db, reply["last_seq"]), timeout=60, what="every batch logged")
         gaps = [r.getMessage() for r in caplog.records if r.name.startswith("dlopbox.interface") and "gap" in r.getMessage()]
         assert gaps == []
         state = {path: (doc["is_dir"], doc.get("digest")) for path, doc in (await db.state()).items()

@@ -15,13 +15,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from dlopbox.client import service as client
+from dlopbox.client.state import STATE_DIR, TEMP_PREFIX
 from dlopbox.events import Event, Op
 from dlopbox.paths import url_path
 from dlopbox.settings import ClientSettings
-from dlopbox.client.state import STATE_DIR, TEMP_PREFIX
 from dlopbox.tree import Tree, scan
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 BIG = 200 * 1024 * 1024
 RSS_LIMIT_KIB = 64 * 1024
 
@@ -140,13 +140,6 @@ class ClientProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
-
-
-async def until(predicate, timeout: float, what: str, interval: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        await asyncio.sleep(interval)
 
 
 def temp_files(root: Path) -> list[str]:

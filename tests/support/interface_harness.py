@@ -8,7 +8,6 @@ import dataclasses
 import hashlib
 import json
 import secrets
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,10 +16,11 @@ import aiohttp
 from pymongo import AsyncMongoClient
 
 from dlopbox import broker
-from dlopbox.interface import service as interface
 from dlopbox.events import Batch, Event, Op
+from dlopbox.interface import service as interface
 from dlopbox.settings import InterfaceSettings
-from tests.services import free_port
+from tests.support.polling import eventually
+from tests.support.services import free_port
 
 TOKEN = "write-" + secrets.token_hex(8)
 READ_TOKEN = "read-" + secrets.token_hex(8)
@@ -32,18 +32,6 @@ def settings_for(rabbit: Any, mongo: Any, mongo_db: str, **overrides: Any) -> In
     values = dict(host="127.0.0.1", port=free_port(), token=TOKEN, read_token=READ_TOKEN, mongo_url=mongo.url,
                   mongo_db=mongo_db, amqp_url=rabbit.interface_url, backend_timeout=2.0)
     return InterfaceSettings(**{**values, **overrides})
-
-
-async def poll(check: Any, timeout: float = 60.0, interval: float = 0.1, what: str = "condition") -> Any:
-    """Await ``check()`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached after {timeout} s (last: {result!r})")
-        await asyncio.sleep(interval)
 
 
 class Running:
@@ -68,7 +56,7 @@ class Running:
                         return r.status == 200 or not wait_ready
                 except aiohttp.ClientConnectionError:
                     return False
-            await poll(listening, what="interface ready")
+            await eventually(listening, what="interface ready")
 
     async def shutdown(self) -> None:
         self.stop.set()
@@ -156,7 +144,7 @@ class ClientQueues:
                     got.append(message)
                 return len(got) >= count
 
-            await poll(enough, timeout=timeout, what=f"{count} messages in {name}")
+            await eventually(enough, timeout=timeout, what=f"{count} messages in {name}")
             await asyncio.sleep(0.3)
             while (message := await queue.get(no_ack=True, fail=False)) is not None:
                 got.append(message)

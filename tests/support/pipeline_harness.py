@@ -16,8 +16,8 @@ from typing import Any
 
 from dlopbox.paths import url_path
 from dlopbox.settings import ClientSettings
-from tests.client_harness import REPO, ClientProcess
-from tests.services import _Process, free_port
+from tests.support.client_harness import REPO, ClientProcess
+from tests.support.services import _Process, free_port
 
 TOKEN = "write-" + secrets.token_hex(8)
 READ_TOKEN = "read-" + secrets.token_hex(8)

@@ -16,7 +16,6 @@ import socket
 import string
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -24,8 +23,9 @@ from pathlib import Path
 import pymongo
 
 from dlopbox import broker
+from tests.support.polling import eventually_blocking
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 
 
@@ -70,19 +70,6 @@ def http_request(url: str, *, data: bytes | None = None, token: str | None = Non
             return exc.code, exc.read()
 
 
-def wait_until(check, timeout: float, what: str, interval: float = 0.1) -> None:
-    deadline = time.monotonic() + timeout
-    last: BaseException | None = None
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except Exception as exc:  # the service is still starting: keep probing
-            last = exc
-        time.sleep(interval)
-    raise TimeoutError(f"{what} not ready after {timeout}s (last error: {last!r})")
-
-
 class _Process:
     """A server process in its own process group, with its output in a log file."""
 
@@ -118,7 +105,7 @@ class _Process:
                                    + self.log_path.read_text(errors="replace")[-3000:])
             return self.ready()
 
-        wait_until(probe, self.startup_timeout, self.name, interval=0.2)
+        eventually_blocking(probe, self.startup_timeout, self.name, interval=0.2)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:
         if self.proc is None or self.proc.poll() is not None:

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import lstat_or_none
 from ..events import Event, Op
 from ..paths import resolve
 from .download import Downloader, FileVersion, StaleContent
@@ -131,7 +132,7 @@ class Applier:
         assert event.dest is not None
         src = resolve(self.target, event.path)
         dst = resolve(self.target, event.dest)
-        st = _lstat(src)
+        st = lstat_or_none(src)
         if event.is_dir:
             if st is None or not stat.S_ISDIR(st.st_mode):
                 log.warning("seq %s: cannot move directory %s: it is missing here; will resync", event.seq, event.path)
@@ -158,7 +159,7 @@ class Applier:
 
     async def remove(self, event: Event) -> Outcome:
         final = resolve(self.target, event.path)
-        st = _lstat(final)
+        st = lstat_or_none(final)
         if st is None:
             return Outcome.APPLIED
         if stat.S_ISDIR(st.st_mode):
@@ -170,7 +171,7 @@ class Applier:
     def mkdir(self, event: Event) -> Outcome:
         assert event.mode is not None
         final = resolve(self.target, event.path)
-        st = _lstat(final)
+        st = lstat_or_none(final)
         if st is not None and not stat.S_ISDIR(st.st_mode):
             _unlink(final)  # a file or a foreign symlink stands where the master has a directory
             st = None
@@ -183,7 +184,7 @@ class Applier:
     def attrib(self, event: Event) -> Outcome:
         assert event.mode is not None
         final = resolve(self.target, event.path)
-        st = _lstat(final)
+        st = lstat_or_none(final)
         if st is None:
             # The write that creates it is superseded or still to come, and carries its attributes.
             log.debug("seq %s: attrib of %s, which is not here (yet)", event.seq, event.path)
@@ -201,13 +202,6 @@ class Applier:
         return Outcome.APPLIED
 
 
-def _lstat(path: Path) -> os.stat_result | None:
-    try:
-        return os.lstat(path)
-    except FileNotFoundError:
-        return None
-
-
 def _unlink(path: Path) -> None:
     try:
         os.unlink(path)
@@ -222,7 +216,7 @@ def _is_empty(directory: Path) -> bool:
 
 def _rename_over(src: Path, dst: Path, is_dir: bool) -> None:
     """rename(2) ``src`` onto ``dst`` as the master did; whatever stood at ``dst`` is replaced (blocking)."""
-    st = _lstat(dst)
+    st = lstat_or_none(dst)
     if st is not None:
         if stat.S_ISDIR(st.st_mode):
             if not is_dir or not _is_empty(dst):

@@ -16,13 +16,13 @@ import shutil
 import stat
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import lstat_or_none
 from ..events import Event, Op
 from ..paths import resolve
 from .download import Downloader, FileVersion, StaleContent
+from .fate import FateFinder
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +47,6 @@ class Unexplained(Exception):
         self.path = path
 
 
-@dataclass(frozen=True, slots=True)
-class Fate:
-    """Where the content of a write went after its seq: gone (superseded) or now at ``path``."""
-
-    superseded: bool
-    path: str
-
-
-#: Given a write event, says what became of its content on the master since (see client.py).
-FateFinder = Callable[[Event], Awaitable[Fate]]
 #: Waits up to a timeout for news about a path (a later event touching it); asyncio.sleep will do.
 NewsWaiter = Callable[[str, float], Awaitable[None]]
 
@@ -66,11 +56,11 @@ async def _sleep(path: str, timeout: float) -> None:
 
 
 class Applier:
-    def __init__(self, target: Path, downloader: Downloader, fate: FateFinder | None = None,
+    def __init__(self, target: Path, downloader: Downloader, finder: FateFinder | None = None,
                  news: NewsWaiter = _sleep) -> None:
         self.target = target
         self.downloader = downloader
-        self.fate = fate
+        self.finder = finder  # says what became of a write's content on the master since
         self.news = news
 
     async def apply(self, event: Event, *, resync: bool = False) -> Outcome:
@@ -103,11 +93,11 @@ class Applier:
                 await self.downloader.install(source, final, version)
                 return Outcome.APPLIED
             except StaleContent as exc:
-                if resync or self.fate is None:
+                if resync or self.finder is None:
                     # A manifest's file changed since: the queue holds the event that changed it.
                     log.info("skipped %s: %s (newer events follow)", event.path, exc)
                     return Outcome.SKIPPED
-                fate = await self.fate(event)
+                fate = await self.finder.fate(event)
                 if fate.superseded:
                     log.debug("skipped seq %s %s: %s; a newer event replaces it", event.seq, event.path, exc)
                     return Outcome.SKIPPED

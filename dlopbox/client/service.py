@@ -15,8 +15,6 @@ import asyncio
 import heapq
 import itertools
 import logging
-from collections import deque
-from collections.abc import Iterable
 from pathlib import Path
 
 import aio_pika
@@ -29,11 +27,12 @@ from aio_pika.abc import (
 
 from .. import broker
 from ..api import APIError, InterfaceAPI
-from ..events import Batch, Event, EventError, Op
-from ..paths import UnsafePathError, is_within
+from ..events import Batch, EventError
+from ..paths import UnsafePathError
 from ..settings import ClientSettings, SettingsError
-from .apply import Applier, Fate, Outcome, Unexplained
+from .apply import Applier, Outcome, Unexplained
 from .download import Downloader
+from .fate import FateFinder, UnexplainedWrites
 from .resync import Resync, ResyncFailed
 from .schedule import Job, PathScheduler
 from .state import ClientState, load_state, remove_temp_files, save_state
@@ -44,15 +43,6 @@ log = logging.getLogger(__name__)
 GAP_WAIT = 2.0
 MAX_GAP_WAIT = 60.0
 REPORT_EVERY = 1.0
-#: Events remembered after dispatch, to explain a write whose bytes are gone.
-RECENT_EVENTS = 10_000
-#: Events read at once from the interface's log when a write's fate is not among the recent ones: a
-#: client replaying a backlog asked once per write (a query on the log each: ~15 writes a second).
-LOG_WINDOW = 500
-#: Seconds a window that held the whole log answers "nothing logged yet" before it is read again.
-LOG_WINDOW_FRESH = 0.5
-#: Seconds a write's bytes may stay gone with nothing to explain it before the client resyncs.
-STALE_PATIENCE = 20.0
 #: Seconds between a change and the state write that covers it and everything applied meanwhile (it first
 #: fsyncs the files installed since the last one, then writes the seq: two more fsyncs).
 PERSIST_EVERY = 0.02
@@ -85,14 +75,6 @@ class Client:
         self._done: set[int] = set()  # seqs applied out of order, above ``applied``
         self._hold: int | None = None  # after a failure, nothing past this is persisted until a resync
         self._resync_requested = False
-        #: Writes whose bytes were gone with nothing to explain it yet: path -> (seq, deadline). A later
-        #: event affecting the path explains it; past the deadline the client resyncs.
-        self._unexplained: dict[str, tuple[int, float]] = {}
-        #: The events dispatched last: one may already explain a write that finds its bytes gone.
-        self._recent: deque[Event] = deque(maxlen=RECENT_EVENTS)
-        #: The interface's log after some seq, read once for many lookups (see _logged_effect).
-        self._log_window: _LogWindow | None = None
-        self._log_window_lock = asyncio.Lock()
         self._acks: list[tuple[int, int, AbstractIncomingMessage]] = []  # heap by last_seq
         self._held: list[tuple[int, int, Batch, AbstractIncomingMessage]] = []  # heap by first_seq
         self._gap_deadline: float | None = None
@@ -120,7 +102,9 @@ class Client:
             self.api = InterfaceAPI(session, self.settings.interface_url, self.settings.read_token)
             self.downloader = Downloader(session, self.settings.files_url, self.settings.chunk_bytes,
                                          self.settings.downloads)
-            self.applier = Applier(self.target, self.downloader, self.fate, self.scheduler.wait_for_news)
+            self.finder = FateFinder(self.api)
+            self.unexplained = UnexplainedWrites(self.finder, self._request_resync)
+            self.applier = Applier(self.target, self.downloader, self.finder, self.scheduler.wait_for_news)
             self.resync = Resync(self.target, self.api, self.applier, self.downloader, self.scheduler)
             connection = await self._connect(stop)
             if connection is None:
@@ -159,7 +143,7 @@ class Client:
         work = asyncio.create_task(self._work(queue, fresh, consumer), name="consume")
         helpers = [asyncio.create_task(self._persist_loop(), name="persist"),
                    asyncio.create_task(self._report_loop(), name="report"),
-                   asyncio.create_task(self._unexplained_loop(), name="unexplained")]
+                   asyncio.create_task(self.unexplained.loop(), name="unexplained")]
         stopping = asyncio.create_task(stop.wait(), name="stop")
         try:
             await asyncio.wait({work, stopping, *helpers}, return_when=asyncio.FIRST_COMPLETED)
@@ -276,9 +260,9 @@ class Client:
             assert event.seq is not None
             if event.seq <= self.dispatched:
                 continue
-            if self._unexplained:
-                self._explained_by(event)
-            self._recent.append(event)
+            if self.unexplained.writes:
+                self.unexplained.explained_by(event)
+            self.finder.recent.append(event)
             await self.scheduler.submit(event, self._apply)
             self.dispatched = event.seq
         assert batch.last_seq is not None
@@ -290,7 +274,7 @@ class Client:
         try:
             outcome = await self.applier.apply(event)
         except Unexplained as exc:
-            self._watch_for_explanation(exc.path, event.seq)
+            self.unexplained.watch(exc.path, event.seq)
             outcome = Outcome.SKIPPED
         except UnsafePathError as exc:
             log.error("REFUSED seq %d %s %r%s: %s", event.seq, event.op, event.path,
@@ -335,91 +319,11 @@ class Client:
                 delay = min(delay * 2, RESYNC_MAX_DELAY)
         self.applied = self.dispatched = max(self.applied, seq)
         self._done.clear()
-        self._unexplained.clear()  # the manifest brought whatever those writes were missing
+        self.unexplained.clear()
         self._hold = None
         self._resync_requested = False
         self._synced = True
         self._changed.set()
-
-    # -- what became of a write whose bytes are gone -----------------------------------------
-
-    def _watch_for_explanation(self, path: str, seq: int) -> None:
-        """Go on without the write; a newer event about ``path`` should follow, or the client resyncs."""
-        if any(later.seq is not None and later.seq > seq and _explains(later, path) for later in self._recent):
-            return  # it arrived meanwhile (applied already, or still waiting in the scheduler)
-        deadline = asyncio.get_running_loop().time() + STALE_PATIENCE
-        previous = self._unexplained.get(path)
-        self._unexplained[path] = (seq, deadline if previous is None else min(previous[1], deadline))
-
-    def _explained_by(self, event: Event) -> None:
-        assert event.seq is not None
-        for path, (seq, _) in list(self._unexplained.items()):
-            if event.seq > seq and _explains(event, path):
-                del self._unexplained[path]
-
-    async def _unexplained_loop(self) -> None:
-        """Resync once a write's bytes have stayed gone, unexplained, for STALE_PATIENCE."""
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(1.0)
-            now = loop.time()
-            overdue = [(path, seq) for path, (seq, deadline) in self._unexplained.items() if deadline <= now]
-            if not overdue:
-                continue
-            for path, seq in overdue:
-                # The interface's log may know what the queue has not delivered yet.
-                fate = await self._follow(path, seq)
-                if fate.superseded or fate.path != path:
-                    self._unexplained.pop(path, None)
-            overdue = [(path, seq) for path, seq in overdue if path in self._unexplained]
-            if overdue:
-                path, seq = min(overdue, key=lambda item: item[1])
-                log.error("seq %d: the master's bytes of %r are gone and no newer event explains it after %.0fs; "
-                          "resyncing from the manifest", seq, path, STALE_PATIENCE)
-                for path, _ in overdue:
-                    del self._unexplained[path]
-                self._request_resync(seq)
-
-    async def fate(self, event: Event) -> Fate:
-        """Follow ``event.path`` through the later events held here, then those the interface logged."""
-        assert event.seq is not None
-        return await self._follow(event.path, event.seq)
-
-    async def _follow(self, path: str, after: int) -> Fate:
-        while True:
-            # Every event dispatched lately, applied or still pending, then the interface's log.
-            effect, cause = _first_effect(path, self._recent, after)
-            if effect is None:
-                try:
-                    effect, cause = await self._logged_effect(path, after)
-                except (aiohttp.ClientError, APIError, TimeoutError, OSError) as exc:
-                    log.debug("cannot ask the interface about %r: %s", path, exc)
-            if effect is None:
-                return Fate(False, path)
-            if effect is _GONE:
-                return Fate(True, path)
-            assert isinstance(effect, str) and cause is not None and cause.seq is not None
-            path, after = effect, cause.seq
-
-    async def _logged_effect(self, path: str, after: int) -> tuple[object, Event | None]:
-        """What the interface's log says happened to ``path`` after ``after`` (see :func:`_first_effect`).
-
-        One window of the log serves every lookup it covers: a client replaying a backlog asks about
-        many writes at once. It is read again once it is older than LOG_WINDOW_FRESH (when it held the
-        whole log) or when a lookup starts past its end (when it did not); a lookup it cannot answer
-        asks about its path alone, as every lookup did before.
-        """
-        async with self._log_window_lock:  # concurrent lookups share one read
-            now = asyncio.get_running_loop().time()
-            window = self._log_window
-            if (window is None or window.after > after or (window.full and after >= window.last_seq)
-                    or (not window.full and now - window.read_at >= LOG_WINDOW_FRESH)):
-                window = self._log_window = _LogWindow(after, now, await self.api.events_since(after, limit=LOG_WINDOW))
-            effect, cause = _first_effect(path, window.events, after)
-            if effect is not None or not window.full:
-                return effect, cause  # found, or the whole log holds nothing about it yet
-        logged = await self.api.events_since(after, prefix=path, limit=100)
-        return _first_effect(path, logged, after)
 
     # -- persistence, acknowledgements, progress --------------------------------------------
 
@@ -466,52 +370,6 @@ class Client:
                 if not failing:
                     log.warning("cannot report progress to the interface: %s", exc)
                 failing = True
-
-
-_GONE = object()
-
-
-class _LogWindow:
-    """Events the interface logged after ``after``, as read at ``read_at`` (loop time)."""
-
-    __slots__ = ("after", "read_at", "events", "full", "last_seq")
-
-    def __init__(self, after: int, read_at: float, events: list[Event]) -> None:
-        self.after, self.read_at, self.events = after, read_at, events
-        self.full = len(events) >= LOG_WINDOW  # more may follow that it does not hold
-        self.last_seq = max((e.seq for e in events if e.seq is not None), default=after)
-
-
-def _explains(event: Event, path: str) -> bool:
-    """Whether ``event`` can account for the master's bytes at ``path`` being gone or different."""
-    return event.op is not Op.ATTRIB and event.op is not Op.MKDIR and event.affects(path)
-
-
-def _first_effect(path: str, events: Iterable[Event], after: int) -> tuple[object, Event | None]:
-    """The first of ``events`` past seq ``after`` that affects ``path``, and what it does to it."""
-    for event in events:
-        if event.seq is None or event.seq <= after:
-            continue
-        effect = _effect_on(path, event)
-        if effect is not None:
-            return effect, event
-    return None, None
-
-
-def _effect_on(path: str, event: Event) -> object:
-    """What a later ``event`` does to the file at ``path``: None, _GONE, or its new path."""
-    match event.op:
-        case Op.WRITE | Op.DELETE if event.path == path:
-            return _GONE
-        case Op.RMDIR if is_within(path, event.path):
-            return _GONE
-        case Op.MOVE:
-            assert event.dest is not None
-            if is_within(path, event.path):
-                return event.dest + path[len(event.path):]
-            if is_within(path, event.dest):
-                return _GONE  # something else now stands there
-    return None
 
 
 async def _settle(action: object) -> None:

@@ -19,7 +19,7 @@ import aio_pika
 import pytest
 
 from dlopbox import broker
-from dlopbox.client import service as client
+from dlopbox.client import acks
 from dlopbox.client.state import STATE_DIR, load_state
 from dlopbox.events import Event, Op
 from dlopbox.tree import file_digest
@@ -496,7 +496,7 @@ async def test_state_never_claims_a_seq_before_its_files_are_durable_and_acks_wa
         await wait_synced(slave)
         disk = DiskLog(monkeypatch)
         writes: dict[int, Event] = {}
-        real_save = client.save_state
+        real_save = acks.save_state
 
         def checked_save(target: Path, state) -> None:
             saves.append(time.monotonic())
@@ -524,7 +524,7 @@ async def test_state_never_claims_a_seq_before_its_files_are_durable_and_acks_wa
             acked.append(last_seq)
             await real_ack(message, multiple)
 
-        monkeypatch.setattr(client, "save_state", checked_save)
+        monkeypatch.setattr(acks, "save_state", checked_save)
         monkeypatch.setattr(aio_pika.IncomingMessage, "ack", checked_ack)
         for start in range(0, 600, 30):
             events = [m.write(f"d{i % 7}/f{i:04d}", os.urandom(3000 + i)) for i in range(start, start + 30)]
@@ -536,4 +536,4 @@ async def test_state_never_claims_a_seq_before_its_files_are_durable_and_acks_wa
     assert not violations, violations[:5]
     assert max(acked) == m.interface.head and len(acked) >= 20
     gaps = [b - a for a, b in zip(saves, saves[1:])]
-    assert gaps and min(gaps) >= client.PERSIST_EVERY * 0.9, f"state written {min(gaps) * 1000:.1f} ms after the last"
+    assert gaps and min(gaps) >= acks.PERSIST_EVERY * 0.9, f"state written {min(gaps) * 1000:.1f} ms after the last"

@@ -19,7 +19,7 @@ import aio_pika
 import pytest
 
 from dlopbox import broker
-from dlopbox.client import service as client
+from dlopbox.client import acks
 from dlopbox.client.state import STATE_DIR, load_state
 from dlopbox.events import Event, Op
 from dlopbox.tree import file_digest
@@ -260,7 +260,7 @@ async def test_a_write_whose_directory_the_master_moved_since_is_fetched_from_th
         assert batch.last_seq is not None
         m.interface.events.append(dataclasses.replace(moved, seq=batch.last_seq + 1))  # logged, not delivered
         m.interface.head = batch.last_seq + 1
-        deadline = time.monotonic() + 10  # far below client.STALE_PATIENCE, after which it resyncs
+        deadline = time.monotonic() + 10  # far below fate.STALE_PATIENCE, after which it resyncs
         while not (slave / "dir" / "f").is_file():
             assert time.monotonic() < deadline, "the client did not follow the move of dir/f's directory"
             await asyncio.sleep(0.05)
@@ -276,8 +276,8 @@ async def test_a_write_whose_explanation_is_far_behind_in_the_queue_does_not_sta
     """Its bytes are gone (deleted on the master) and the delete comes many messages later, more than
     the prefetch, and is not in the interface's log yet: the client must go on (acknowledging) until
     it arrives, not hold every acknowledgement (so the broker stops delivering) and resync."""
-    from dlopbox.client import service as client
-    monkeypatch.setattr(client, "STALE_PATIENCE", 120.0)
+    from dlopbox.client import fate
+    monkeypatch.setattr(fate, "STALE_PATIENCE", 120.0)
     m = upstream
     slave = tmp_path / "slave"
     async with running(make_settings(client_queues[0], slave, prefetch=4)):
@@ -300,8 +300,8 @@ async def test_a_write_explained_by_an_event_dispatched_but_not_logged_yet_is_sk
         upstream: FakeMaster, make_settings, client_queues, shared_dir, tmp_path, monkeypatch):
     """The delete that explains the missing bytes is in the same message, and the interface's log lags:
     only the events the client dispatched lately can tell, or it would wait and then resync."""
-    from dlopbox.client import service as client
-    monkeypatch.setattr(client, "STALE_PATIENCE", 3.0)
+    from dlopbox.client import fate
+    monkeypatch.setattr(fate, "STALE_PATIENCE", 3.0)
     m = upstream
     slave = tmp_path / "slave"
     async with running(make_settings(client_queues[0], slave)):
@@ -311,7 +311,7 @@ async def test_a_write_explained_by_an_event_dispatched_but_not_logged_yet_is_sk
         await m.publish(gone, m.delete("gone.txt"), m.write("kept.txt", b"kept"), logged=False)
         await wait_equal(shared_dir, slave, timeout=20)
         await wait_progress(m.interface, client_queues[0], m.interface.head)
-        await asyncio.sleep(client.STALE_PATIENCE + 1.5)  # past the point where it would have resynced
+        await asyncio.sleep(fate.STALE_PATIENCE + 1.5)  # past the point where it would have resynced
         assert m.interface.manifest_requests == requests, "it resynced instead of using the events it had"
 
 
@@ -340,8 +340,8 @@ async def test_a_backlog_of_writes_explained_only_by_the_log_asks_it_once_not_on
 
 async def test_write_whose_bytes_never_match_forces_a_resync(upstream: FakeMaster, make_settings, client_queues,
                                                              shared_dir, tmp_path, monkeypatch):
-    from dlopbox.client import service as client
-    monkeypatch.setattr(client, "STALE_PATIENCE", 0.5)
+    from dlopbox.client import fate
+    monkeypatch.setattr(fate, "STALE_PATIENCE", 0.5)
     m = upstream
     slave = tmp_path / "slave"
     async with running(make_settings(client_queues[0], slave)):
@@ -496,7 +496,7 @@ async def test_state_never_claims_a_seq_before_its_files_are_durable_and_acks_wa
         await wait_synced(slave)
         disk = DiskLog(monkeypatch)
         writes: dict[int, Event] = {}
-        real_save = client.save_state
+        real_save = acks.save_state
 
         def checked_save(target: Path, state) -> None:
             saves.append(time.monotonic())
@@ -524,7 +524,7 @@ async def test_state_never_claims_a_seq_before_its_files_are_durable_and_acks_wa
             acked.append(last_seq)
             await real_ack(message, multiple)
 
-        monkeypatch.setattr(client, "save_state", checked_save)
+        monkeypatch.setattr(acks, "save_state", checked_save)
         monkeypatch.setattr(aio_pika.IncomingMessage, "ack", checked_ack)
         for start in range(0, 600, 30):
             events = [m.write(f"d{i % 7}/f{i:04d}", os.urandom(3000 + i)) for i in range(start, start + 30)]
@@ -536,4 +536,4 @@ async def test_state_never_claims_a_seq_before_its_files_are_durable_and_acks_wa
     assert not violations, violations[:5]
     assert max(acked) == m.interface.head and len(acked) >= 20
     gaps = [b - a for a, b in zip(saves, saves[1:])]
-    assert gaps and min(gaps) >= client.PERSIST_EVERY * 0.9, f"state written {min(gaps) * 1000:.1f} ms after the last"
+    assert gaps and min(gaps) >= acks.PERSIST_EVERY * 0.9, f"state written {min(gaps) * 1000:.1f} ms after the last"

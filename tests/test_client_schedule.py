@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from dlopbox.events import Event, Op
 from dlopbox.client.schedule import PathScheduler
+from dlopbox.events import Event, Op
 
 
 def write(path: str, seq: int) -> Event:

@@ -16,12 +16,13 @@ import shutil
 import stat
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import lstat_or_none
 from ..events import Event, Op
 from ..paths import resolve
 from .download import Downloader, FileVersion, StaleContent
+from .fate import FateFinder
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +47,6 @@ class Unexplained(Exception):
         self.path = path
 
 
-@dataclass(frozen=True, slots=True)
-class Fate:
-    """Where the content of a write went after its seq: gone (superseded) or now at ``path``."""
-
-    superseded: bool
-    path: str
-
-
-#: Given a write event, says what became of its content on the master since (see client.py).
-FateFinder = Callable[[Event], Awaitable[Fate]]
 #: Waits up to a timeout for news about a path (a later event touching it); asyncio.sleep will do.
 NewsWaiter = Callable[[str, float], Awaitable[None]]
 
@@ -65,11 +56,11 @@ async def _sleep(path: str, timeout: float) -> None:
 
 
 class Applier:
-    def __init__(self, target: Path, downloader: Downloader, fate: FateFinder | None = None,
+    def __init__(self, target: Path, downloader: Downloader, finder: FateFinder | None = None,
                  news: NewsWaiter = _sleep) -> None:
         self.target = target
         self.downloader = downloader
-        self.fate = fate
+        self.finder = finder  # says what became of a write's content on the master since
         self.news = news
 
     async def apply(self, event: Event, *, resync: bool = False) -> Outcome:
@@ -102,11 +93,11 @@ class Applier:
                 await self.downloader.install(source, final, version)
                 return Outcome.APPLIED
             except StaleContent as exc:
-                if resync or self.fate is None:
+                if resync or self.finder is None:
                     # A manifest's file changed since: the queue holds the event that changed it.
                     log.info("skipped %s: %s (newer events follow)", event.path, exc)
                     return Outcome.SKIPPED
-                fate = await self.fate(event)
+                fate = await self.finder.fate(event)
                 if fate.superseded:
                     log.debug("skipped seq %s %s: %s; a newer event replaces it", event.seq, event.path, exc)
                     return Outcome.SKIPPED
@@ -131,7 +122,7 @@ class Applier:
         assert event.dest is not None
         src = resolve(self.target, event.path)
         dst = resolve(self.target, event.dest)
-        st = _lstat(src)
+        st = lstat_or_none(src)
         if event.is_dir:
             if st is None or not stat.S_ISDIR(st.st_mode):
                 log.warning("seq %s: cannot move directory %s: it is missing here; will resync", event.seq, event.path)
@@ -158,7 +149,7 @@ class Applier:
 
     async def remove(self, event: Event) -> Outcome:
         final = resolve(self.target, event.path)
-        st = _lstat(final)
+        st = lstat_or_none(final)
         if st is None:
             return Outcome.APPLIED
         if stat.S_ISDIR(st.st_mode):
@@ -170,7 +161,7 @@ class Applier:
     def mkdir(self, event: Event) -> Outcome:
         assert event.mode is not None
         final = resolve(self.target, event.path)
-        st = _lstat(final)
+        st = lstat_or_none(final)
         if st is not None and not stat.S_ISDIR(st.st_mode):
             _unlink(final)  # a file or a foreign symlink stands where the master has a directory
             st = None
@@ -183,7 +174,7 @@ class Applier:
     def attrib(self, event: Event) -> Outcome:
         assert event.mode is not None
         final = resolve(self.target, event.path)
-        st = _lstat(final)
+        st = lstat_or_none(final)
         if st is None:
             # The write that creates it is superseded or still to come, and carries its attributes.
             log.debug("seq %s: attrib of %s, which is not here (yet)", event.seq, event.path)
@@ -201,13 +192,6 @@ class Applier:
         return Outcome.APPLIED
 
 
-def _lstat(path: Path) -> os.stat_result | None:
-    try:
-        return os.lstat(path)
-    except FileNotFoundError:
-        return None
-
-
 def _unlink(path: Path) -> None:
     try:
         os.unlink(path)
@@ -222,7 +206,7 @@ def _is_empty(directory: Path) -> bool:
 
 def _rename_over(src: Path, dst: Path, is_dir: bool) -> None:
     """rename(2) ``src`` onto ``dst`` as the master did; whatever stood at ``dst`` is replaced (blocking)."""
-    st = _lstat(dst)
+    st = lstat_or_none(dst)
     if st is not None:
         if stat.S_ISDIR(st.st_mode):
             if not is_dir or not _is_empty(dst):

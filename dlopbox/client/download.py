@@ -26,7 +26,9 @@ from pathlib import Path
 import aiohttp
 import yarl
 
+from ..errors import lstat_or_none
 from ..paths import url_path
+from ..retry import Backoff
 from ..tree import file_digest
 from .state import temp_name
 
@@ -96,20 +98,19 @@ class Downloader:
             await self._seal(_TempFile(final, self.unsynced), [], version)
         else:
             # Nothing there (the common case): no thread hop; a file there is hashed in a thread.
-            if _lstat(final) is not None and await asyncio.to_thread(_already_there, final, version):
+            if lstat_or_none(final) is not None and await asyncio.to_thread(_already_there, final, version):
                 return
             async with self.slots:
                 # Retried while holding the slot: when nginx is down, only `downloads` requests are
                 # in the air at a time, however many files wait.
-                delay = 0.2
+                backoff = Backoff(0.2, MAX_BACKOFF)
                 while True:
                     try:
                         await self._download(source, final, version)
                         break
                     except TransferError as exc:
-                        log.warning("%s; retrying in %.1fs", exc, delay)
-                        await asyncio.sleep(delay)
-                        delay = min(delay * 2, MAX_BACKOFF)
+                        log.warning("%s; retrying in %.1fs", exc, backoff.delay)
+                        await backoff.wait()
         self.counters.files += 1
 
     async def _download(self, source: str, final: Path, version: FileVersion) -> None:
@@ -336,27 +337,16 @@ def _prepare_parent(final: Path) -> None:
 
 def _replace(tmp: Path, final: Path) -> None:
     """Rename over ``final``; a directory standing there (the master changed its type) goes first."""
-    try:
-        st = os.lstat(final)
-    except FileNotFoundError:
-        st = None
+    st = lstat_or_none(final)
     if st is not None and stat.S_ISDIR(st.st_mode):
         shutil.rmtree(final)
     os.replace(tmp, final)
 
 
-def _lstat(path: Path) -> os.stat_result | None:
-    try:
-        return os.lstat(path)
-    except FileNotFoundError:
-        return None
-
-
 def _already_there(final: Path, version: FileVersion) -> bool:
     """True when ``final`` already holds this version (a redelivered event): only the mode is fixed."""
-    try:
-        st = os.lstat(final)
-    except FileNotFoundError:
+    st = lstat_or_none(final)
+    if st is None:
         return False
     if not stat.S_ISREG(st.st_mode) or st.st_size != version.size or st.st_mtime_ns != version.mtime_ns:
         return False

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-import aiohttp
-
-from ..api import APIError, InterfaceAPI, read_spooled_entries
+from ..api import InterfaceAPI, read_spooled_entries
+from ..errors import HTTP_ERRORS, APIError
 from ..events import Entry, Event, Op
 from ..paths import UnsafePathError
+from ..retry import Backoff
 from ..tree import Tree, diff, scan
 from .apply import Applier, Outcome
 from .download import Downloader
@@ -83,18 +83,17 @@ class Resync:
         return seq
 
     async def _fetch(self, spool: BinaryIO, at_least: int) -> tuple[int, int]:
-        delay = 0.5
+        backoff = Backoff(0.5, MAX_FETCH_BACKOFF)
         while True:
             try:
                 seq, count = await self.api.spool_manifest(spool)
                 if seq >= at_least:
                     return seq, count
                 log.info("manifest is at seq %d, behind seq %d already applied here; asking again", seq, at_least)
-            except (aiohttp.ClientError, APIError, TimeoutError, OSError) as exc:
-                log.warning("cannot fetch the manifest: %s; retrying in %.1fs", exc, delay)
+            except HTTP_ERRORS as exc:
+                log.warning("cannot fetch the manifest: %s; retrying in %.1fs", exc, backoff.delay)
             await asyncio.to_thread(_rewind, spool)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, MAX_FETCH_BACKOFF)
+            await backoff.wait()
 
     async def _converge(self, local: Tree, want: Entry, tally: _Tally, progress: Progress) -> None:
         have = local.entries.pop(want.path, None)

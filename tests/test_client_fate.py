@@ -1,0 +1,92 @@
+"""FateFinder and UnexplainedWrites driven directly: what became of a write whose bytes are gone."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+
+from dlopbox.api import InterfaceAPI
+from dlopbox.client import fate
+from dlopbox.client.fate import Fate, FateFinder, UnexplainedWrites
+from dlopbox.events import Event, Op
+from tests.support.fake_interface import FakeInterface
+from tests.support.polling import eventually
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def write(path: str, seq: int) -> Event:
+    return Event(Op.WRITE, path, size=4, mtime_ns=1, mode=0o644, digest="a" * 64, seq=seq)
+
+
+@pytest.fixture
+async def interface(tmp_path) -> AsyncIterator[FakeInterface]:
+    fake = FakeInterface(tmp_path)
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture
+async def finder(interface: FakeInterface) -> AsyncIterator[FateFinder]:
+    async with aiohttp.ClientSession() as session:
+        yield FateFinder(InterfaceAPI(session, interface.url, interface.token))
+
+
+async def test_a_later_delete_among_the_recent_events_explains_it_without_asking_the_log(
+        finder: FateFinder, interface: FakeInterface):
+    finder.recent.extend([write("f", 5), Event(Op.DELETE, "f", seq=6)])
+    assert await finder.fate(write("f", 5)) == Fate(True, "f")
+    assert interface.events_requests == 0
+
+
+async def test_a_move_of_its_directory_in_the_interfaces_log_says_where_it_is_now(
+        finder: FateFinder, interface: FakeInterface):
+    finder.recent.append(write("d/f", 5))
+    interface.events = [Event(Op.MOVE, "d", dest="d2", is_dir=True, seq=7)]
+    assert await finder.fate(write("d/f", 5)) == Fate(False, "d2/f")
+    assert interface.events_requests == 1
+
+
+async def test_a_move_then_a_delete_are_followed_to_the_end(finder: FateFinder, interface: FakeInterface):
+    finder.recent.append(Event(Op.MOVE, "a", dest="b", seq=6))
+    interface.events = [Event(Op.MOVE, "a", dest="b", seq=6), Event(Op.DELETE, "b", seq=9)]
+    assert await finder.fate(write("a", 5)) == Fate(True, "b")
+
+
+async def test_nothing_known_leaves_it_where_it_was(finder: FateFinder, interface: FakeInterface):
+    finder.recent.extend([write("f", 5), write("other", 6), Event(Op.DELETE, "f", seq=4)])
+    assert await finder.fate(write("f", 5)) == Fate(False, "f")
+
+
+async def test_an_unexplained_write_is_cleared_by_a_later_event_and_resyncs_only_past_its_patience(
+        finder: FateFinder, interface: FakeInterface, monkeypatch):
+    requested: list[int] = []
+    writes = UnexplainedWrites(finder, requested.append)
+    writes.watch("explained", 5)
+    writes.explained_by(Event(Op.MKDIR, "explained", is_dir=True, mode=0o755, seq=6))  # cannot explain bytes
+    writes.explained_by(Event(Op.DELETE, "explained", seq=4))  # earlier: cannot either
+    assert set(writes.writes) == {"explained"}
+    writes.explained_by(Event(Op.DELETE, "explained", seq=7))
+    assert writes.writes == {}
+
+    monkeypatch.setattr(fate, "STALE_PATIENCE", 0.0)
+    writes.watch("logged", 8)
+    writes.watch("lost", 9)
+    interface.events = [Event(Op.DELETE, "logged", seq=10)]
+    loop = asyncio.create_task(writes.loop())
+    try:
+        await eventually(lambda: requested, 5, "a resync request for the write nothing explains")
+    finally:
+        loop.cancel()
+    assert requested == [9] and writes.writes == {}
+
+
+async def test_a_write_already_explained_by_a_dispatched_event_is_not_watched(finder: FateFinder):
+    finder.recent.extend([write("f", 5), Event(Op.MOVE, "f", dest="g", seq=6)])
+    writes = UnexplainedWrites(finder, lambda seq: None)
+    writes.watch("f", 5)
+    assert writes.writes == {}

@@ -27,7 +27,8 @@ import pytest
 from dlopbox.events import Entry, Event, Op
 from dlopbox.settings import DEFAULT_IGNORE, WatcherSettings
 from dlopbox.tree import Ignore, Tree, scan
-from dlopbox.watch.service import SETTLE_S, Watcher, open_for_writing
+from dlopbox.watch.disk import open_for_writing
+from dlopbox.watch.service import SETTLE_S, Watcher
 from tests.support.polling import eventually
 from tests.support.receiver import Receiver
 

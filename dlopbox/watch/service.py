@@ -26,11 +26,7 @@ Symlinks, FIFOs, sockets and devices are skipped and never followed; names start
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
-import errno
-import fcntl
-import hashlib
 import logging
 import os
 import select
@@ -39,27 +35,28 @@ import stat
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
 from asyncinotify import Event as InotifyEvent
-from asyncinotify import Inotify, Mask, Watch
+from asyncinotify import Inotify, Mask
 
+from ..errors import lstat_or_none
 from ..events import Entry, Event, Op
-from ..paths import MAX_PATH_BYTES, UnsafePathError, check_relpath, is_within, parent_of
+from ..paths import is_within, parent_of
 from ..settings import WatcherSettings
-from ..tree import HASH_CHUNK, Ignore, Tree, diff, entry_from_stat, scan
+from ..tree import Ignore, Tree, diff
 from .delivery import Delivery
+from .disk import ScanResult, hash_file, open_for_writing, scan_path, stat_matches
+from .watches import Dir, Watches, safe_name
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-WATCH_MASK = (Mask.CREATE | Mask.MODIFY | Mask.CLOSE_WRITE | Mask.ATTRIB | Mask.DELETE | Mask.MOVED_FROM
-              | Mask.MOVED_TO | Mask.DELETE_SELF | Mask.MOVE_SELF | Mask.ONLYDIR | Mask.DONT_FOLLOW | Mask.EXCL_UNLINK)
 # Plain ints: testing an IntFlag member per event is slow, and a burst brings ~30,000 events a second.
 _CREATE, _MODIFY, _CLOSE_WRITE, _ATTRIB = int(Mask.CREATE), int(Mask.MODIFY), int(Mask.CLOSE_WRITE), int(Mask.ATTRIB)
 _DELETE, _MOVED_FROM, _MOVED_TO, _ISDIR = int(Mask.DELETE), int(Mask.MOVED_FROM), int(Mask.MOVED_TO), int(Mask.ISDIR)
@@ -92,304 +89,6 @@ async def run(settings: WatcherSettings, *, stop: asyncio.Event) -> None:
 
 
 # -- what the slaves have been told -------------------------------------------------------------
-
-
-# -- disk work, run in the hash pool --------------------------------------------------------------
-
-
-def _same_version(a: os.stat_result, b: os.stat_result) -> bool:
-    return (a.st_dev, a.st_ino, a.st_size, a.st_mtime_ns, a.st_ctime_ns, a.st_mode) == (
-        b.st_dev, b.st_ino, b.st_size, b.st_mtime_ns, b.st_ctime_ns, b.st_mode)
-
-
-def _digest(path: str | Path, expected: os.stat_result, abort: threading.Event) -> str | None:
-    """SHA-256 of the file at ``path`` if it is still the version ``expected``, streamed."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        if not _same_version(os.fstat(fd), expected):
-            return None
-        sha = hashlib.sha256()
-        buffer = bytearray(HASH_CHUNK)
-        view = memoryview(buffer)
-        total = 0
-        while n := os.readv(fd, [buffer]):
-            if abort.is_set():
-                return None
-            sha.update(view[:n])
-            total += n
-        # Two rewrites within one clock tick leave mtime and ctime alike: the length still tells.
-        return sha.hexdigest() if total == expected.st_size else None
-    finally:
-        os.close(fd)
-
-
-def hash_file(path: str | Path, rel: str, abort: threading.Event) -> Entry | None:
-    """The entry of the regular file at ``path``, its digest matching its stat; None if it is
-    not a regular file, is gone, or kept changing while read (the event of that change follows)."""
-    for _ in range(3):
-        try:
-            before = os.lstat(path)
-            if not stat.S_ISREG(before.st_mode):
-                return None
-            digest = _digest(path, before, abort)
-            after = os.lstat(path)
-        except OSError:
-            return None
-        if abort.is_set():
-            return None
-        if digest is not None and _same_version(before, after):
-            return entry_from_stat(rel, before, digest)
-    return None
-
-
-def open_for_writing(path: str) -> bool | None:
-    """Whether some process has the file at ``path`` open for writing; None when it cannot tell.
-
-    The kernel refuses a read lease (EAGAIN) exactly then. The lease is dropped at once; a writer
-    opening the file meanwhile makes the kernel send SIGIO, which the watcher ignores.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
-    except OSError as exc:
-        return True if exc.errno == errno.EAGAIN else None  # EACCES: not ours and no CAP_LEASE
-    else:
-        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
-        return False
-    finally:
-        os.close(fd)
-
-
-def _same_content(a: Entry, b: Entry) -> bool:
-    return (a.size, a.mtime_ns, a.digest) == (b.size, b.mtime_ns, b.digest)
-
-
-def _stat_matches(st: os.stat_result, entry: Entry) -> bool:
-    return (st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode)) == (entry.size, entry.mtime_ns, entry.mode)
-
-
-def _lstat(path: str | Path) -> os.stat_result | None:
-    try:
-        return os.lstat(path)
-    except OSError:
-        return None
-
-
-class _Below(Tree):
-    """``previous`` as seen from directory ``rel``: what scan() consults to reuse known digests."""
-
-    def __init__(self, previous: Tree, rel: str) -> None:
-        super().__init__()
-        self.previous = previous
-        self.prefix = rel + "/"
-
-    def get(self, path: str) -> Entry | None:
-        return self.previous.get(self.prefix + path)
-
-
-@dataclasses.dataclass
-class ScanResult:
-    tree: Tree
-    #: files that changed while being read: their own events follow, so they are left as known
-    unstable: set[str]
-
-
-def scan_path(root: Path, rel: str, ignore: Ignore, previous: Tree, abort: threading.Event) -> ScanResult:
-    """What is at ``rel`` now — it, and for a directory everything below it — with root-relative paths."""
-    found = Tree()
-    if not rel:
-        found = scan(root, ignore, previous=previous)
-    else:
-        path = root / rel
-        st = _lstat(path)
-        if st is None:
-            return ScanResult(found, set())
-        if stat.S_ISREG(st.st_mode):
-            known = previous.get(rel)
-            if known is not None and not known.is_dir and (known.size, known.mtime_ns) == (st.st_size, st.st_mtime_ns):
-                found.entries[rel] = entry_from_stat(rel, st, known.digest)
-                return ScanResult(found, set())
-            entry = hash_file(path, rel, abort)
-            if entry is None:
-                return ScanResult(found, {rel} if _lstat(path) is not None else set())
-            found.entries[rel] = entry
-            return ScanResult(found, set())
-        if not stat.S_ISDIR(st.st_mode):
-            return ScanResult(found, set())
-        found.entries[rel] = entry_from_stat(rel, st)
-        prefix = rel + "/"
-        for sub, entry in scan(path, ignore, previous=_Below(previous, rel)).entries.items():
-            if _safe(prefix + sub):  # a scan of the whole tree skips what would be too long
-                found.entries[prefix + sub] = dataclasses.replace(entry, path=prefix + sub)
-    unstable = set()
-    for p, entry in found.entries.items():
-        if entry.is_dir:
-            continue
-        known = previous.get(p)
-        if known is not None and _same_content(known, entry):
-            continue  # digest reused, not read now
-        st = _lstat(root / p)
-        if st is None or not _stat_matches(st, entry):
-            unstable.add(p)
-    return ScanResult(found, unstable)
-
-
-# -- one watch per directory ------------------------------------------------------------------------
-
-
-class _Dir:
-    """A watched directory: its watch and where it is now (its name in its parent)."""
-
-    __slots__ = ("watch", "name", "parent", "children", "rel")
-
-    def __init__(self, watch: Watch, name: str, parent: _Dir | None) -> None:
-        self.watch = watch
-        self.name = name
-        self.parent = parent
-        self.children: dict[str, _Dir] = {}
-        self.rel = ""  # its path below the root, kept current by Watches
-
-    def subtree(self) -> Iterator[_Dir]:
-        stack = [self]
-        while stack:
-            node = stack.pop()
-            yield node
-            stack.extend(node.children.values())
-
-
-def _safe(rel: str) -> bool:
-    try:
-        check_relpath(rel)
-    except UnsafePathError:
-        return False
-    return True
-
-
-def _safe_name(rel: str, name: str) -> bool:
-    """``_safe(rel)`` for ``name`` from the kernel inside an already checked directory.
-
-    The kernel never reports ``.``, ``..``, a ``/`` or a name over NAME_MAX, and the
-    directory's own path was checked when it was watched: what is left is the encoding
-    (a name that is not UTF-8 arrives with surrogates) and the length of the whole path.
-    """
-    if not name.isascii():
-        try:
-            name.encode()
-        except UnicodeEncodeError:
-            return False
-    return len(rel) * 4 <= MAX_PATH_BYTES or len(rel.encode()) <= MAX_PATH_BYTES
-
-
-class Watches:
-    """A watch on every directory of the tree; moving a directory is re-parenting one node."""
-
-    def __init__(self, inotify: Inotify, root: Path, ignore: Ignore) -> None:
-        self.inotify = inotify
-        self.root = root
-        self.ignore = ignore
-        self.by_wd: dict[int, _Dir] = {}
-        self.top: _Dir | None = None
-
-    def __len__(self) -> int:
-        return len(self.by_wd)
-
-    def find(self, rel: str) -> _Dir | None:
-        node = self.top
-        if rel:
-            for part in rel.split("/"):
-                if node is None:
-                    return None
-                node = node.children.get(part)
-        return node
-
-    def watch_tree(self, rel: str) -> None:
-        """Watch ``rel`` and every directory below it, each before listing it; forget the ones gone.
-
-        This runs on the event loop: a watch added from a thread could report an event
-        before its owner knows it, and that event would be lost.
-        """
-        if rel and self.find(parent_of(rel)) is None:
-            return
-        seen: set[int] = set()
-        stack = [rel]
-        while stack:
-            current = stack.pop()
-            path = self.root / current if current else self.root
-            try:
-                watch = self.inotify.add_watch(path, WATCH_MASK)
-            except OSError as exc:
-                if exc.errno == errno.ENOSPC:
-                    log.error("cannot watch %s: no inotify watches left (raise fs.inotify.max_user_watches)", path)
-                elif exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
-                    log.warning("cannot watch %s: %s", path, exc)
-                continue
-            if not self._place(watch, current):
-                continue
-            seen.add(watch.wd)
-            try:
-                with os.scandir(path) as entries:
-                    for entry in entries:
-                        if entry.is_dir(follow_symlinks=False) and not self.ignore(entry.name):
-                            child = f"{current}/{entry.name}" if current else entry.name
-                            if _safe(child):
-                                stack.append(child)
-            except OSError:
-                continue
-        top = self.find(rel)
-        if top is not None:
-            for node in list(top.subtree()):
-                if node.watch.wd not in seen:
-                    self.forget(node)
-
-    def _place(self, watch: Watch, rel: str) -> bool:
-        node = self.by_wd.get(watch.wd)
-        if node is None:
-            node = self.by_wd[watch.wd] = _Dir(watch, "", None)
-        if not rel:
-            self._detach(node)
-            self.top = node
-            node.rel = node.name = ""
-            return True
-        parent = self.find(parent_of(rel))
-        if parent is None:
-            self.forget(node)
-            return False
-        self.move(node, parent, rel.rpartition("/")[2])
-        return True
-
-    def move(self, node: _Dir, parent: _Dir, name: str) -> None:
-        """``node`` is now ``name`` in ``parent`` (what it replaced there is gone)."""
-        self._detach(node)
-        replaced = parent.children.get(name)
-        if replaced is not None and replaced is not node:
-            self.forget(replaced)
-        node.parent = parent
-        node.name = name
-        parent.children[name] = node
-        for sub in node.subtree():  # parents come before their children
-            assert sub.parent is not None
-            sub.rel = f"{sub.parent.rel}/{sub.name}" if sub.parent.rel else sub.name
-
-    def forget(self, node: _Dir) -> None:
-        """Stop watching ``node`` and everything below it."""
-        self._detach(node)
-        for sub in list(node.subtree()):
-            if self.by_wd.get(sub.watch.wd) is sub:
-                del self.by_wd[sub.watch.wd]
-                # The kernel has already dropped the watch when its directory was deleted.
-                with contextlib.suppress(OSError):
-                    self.inotify.rm_watch(sub.watch)
-        if node is self.top:
-            self.top = None
-
-    @staticmethod
-    def _detach(node: _Dir) -> None:
-        if node.parent is not None and node.parent.children.get(node.name) is node:
-            del node.parent.children[node.name]
-        node.parent = None
 
 
 # -- the ordered pipeline -----------------------------------------------------------------------------
@@ -534,7 +233,7 @@ class Watcher:
         self._dirty: dict[str, tuple[asyncio.TimerHandle, float]] = {}  # modified, not closed: (timer, since)
         self._skipped: dict[str, float] = {}  # path -> when a version of it was first skipped as busy
         self._last_write: dict[str, _Write] = {}  # path -> its latest pending write item
-        self._moves: dict[int, tuple[_Move, _Dir | None]] = {}
+        self._moves: dict[int, tuple[_Move, Dir | None]] = {}
         self._abort = threading.Event()
         self._rescan: Future[ScanResult] | None = None
         self._overflow_logged = float("-inf")
@@ -627,7 +326,7 @@ class Watcher:
         rel = f"{node.rel}/{name}" if node.rel else name
         if mask & _MODIFY and rel in self._dirty:
             return  # the commonest event of all: more of a write already noted
-        ignored = self.ignore(name) or not _safe_name(rel, name)
+        ignored = self.ignore(name) or not safe_name(rel, name)
         is_dir = bool(mask & _ISDIR)
         if mask & _MOVED_FROM:
             self._moved_from(node, name, rel, is_dir, event.cookie, ts, ignored)
@@ -644,7 +343,7 @@ class Watcher:
             else:
                 self._mark_dirty(rel)
         elif mask & _ATTRIB:
-            self._enqueue(_Attrib(rel, ts, self._in_pool(_lstat, self._path(rel))))
+            self._enqueue(_Attrib(rel, ts, self._in_pool(lstat_or_none, self._path(rel), OSError)))
         elif mask & _DELETE:
             self._clean(rel)
             self._skipped.pop(rel, None)
@@ -652,7 +351,7 @@ class Watcher:
                 self._watches.forget(child)
             self._enqueue(_Remove(rel, ts))
 
-    def _moved_from(self, node: _Dir, name: str, rel: str, is_dir: bool, cookie: int, ts: float, ignored: bool) -> None:
+    def _moved_from(self, node: Dir, name: str, rel: str, is_dir: bool, cookie: int, ts: float, ignored: bool) -> None:
         self._clean(rel)
         self._skipped.pop(rel, None)
         if ignored:
@@ -662,7 +361,7 @@ class Watcher:
         self._enqueue(item)
         self._loop.call_later(PAIR_S, self._pair_expired, cookie, False)
 
-    def _moved_to(self, node: _Dir, name: str, rel: str, is_dir: bool, cookie: int, ts: float, ignored: bool) -> None:
+    def _moved_to(self, node: Dir, name: str, rel: str, is_dir: bool, cookie: int, ts: float, ignored: bool) -> None:
         pending = self._moves.pop(cookie, None)
         if pending is None:
             if not ignored:
@@ -740,7 +439,7 @@ class Watcher:
         """A file changed without being closed: read it once it has been quiet for SETTLE_S."""
         _, since = self._dirty.pop(rel)
         path = self._path(rel)
-        st = _lstat(path)
+        st = lstat_or_none(path, OSError)
         if st is None or not stat.S_ISREG(st.st_mode):
             return
         quiet, patience = SETTLE_S, BUSY_MAX_S
@@ -755,10 +454,10 @@ class Watcher:
     async def current(self, rel: str, entry: Entry | None) -> Entry | None:
         """``entry`` if the file is still that version; else read it again (a rewrite raced the digest)."""
         for _ in range(2):
-            st = _lstat(self._path(rel)) if entry is not None else None
+            st = lstat_or_none(self._path(rel), OSError) if entry is not None else None
             if st is None or entry is None:
                 return None
-            if _stat_matches(st, entry):
+            if stat_matches(st, entry):
                 return entry
             entry = await self._in_pool(hash_file, self._path(rel), rel, self._abort)
         return entry
@@ -790,7 +489,7 @@ class Watcher:
     def _read_version(self, rel: str) -> asyncio.Future[Entry | None]:
         """:func:`hash_file` of ``rel``: at once for a small file, in the pool otherwise."""
         path = self._path(rel)
-        st = _lstat(path)
+        st = lstat_or_none(path, OSError)
         if st is not None and stat.S_ISREG(st.st_mode) and st.st_size <= INLINE_HASH_BYTES:
             done: asyncio.Future[Entry | None] = self._loop.create_future()
             done.set_result(hash_file(path, rel, self._abort))
@@ -961,7 +660,7 @@ class Watcher:
 
     async def remove(self, path: str, ts: float) -> None:
         old = self.known.get(path)
-        if old is not None and _lstat(self._path(path)) is not None:
+        if old is not None and lstat_or_none(self._path(path), OSError) is not None:
             # There again: recreated since, or a stale kernel event read after a rescan already saw
             # the newer disk (inotify overflow). The disk decides, never the event.
             await self._reconcile_paths((path,), ts)
@@ -1010,6 +709,6 @@ class Watcher:
 
     def _scan_again(self, rel: str) -> None:
         self._rescans.pop(rel, None)
-        if self._abort.is_set() or (rel and _lstat(self._path(rel)) is None):
+        if self._abort.is_set() or (rel and lstat_or_none(self._path(rel), OSError) is None):
             return  # stopping, or gone: its removal has its own event or rescan
         self._arrived(rel, self.known.is_dir(rel), time.time())

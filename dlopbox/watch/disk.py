@@ -2,11 +2,13 @@
 
 These are plain functions of the disk as it is when they run. A digest is only kept if the
 file's stat is the same before and after reading it: a file rewritten while read gives None,
-and the event of that rewrite follows.
+and the event of that rewrite follows. :class:`DiskWork` runs them in the hash pool, so that
+a 1 GiB digest blocks neither the event loop nor the other files.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import errno
 import fcntl
@@ -14,13 +16,20 @@ import hashlib
 import os
 import stat
 import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, TypeVar
 
 from ..errors import lstat_or_none
 from ..events import Entry
 from ..paths import UnsafePathError, check_relpath
 from ..tree import HASH_CHUNK, Ignore, Tree, entry_from_stat, scan
 
+T = TypeVar("T")
+
+#: A file this small is hashed on the event loop (tens of microseconds): cheaper than a thread hop.
+INLINE_HASH_BYTES = 64 * 1024
 
 def _same_version(a: os.stat_result, b: os.stat_result) -> bool:
     return (a.st_dev, a.st_ino, a.st_size, a.st_mtime_ns, a.st_ctime_ns, a.st_mode) == (
@@ -163,3 +172,57 @@ def safe(rel: str) -> bool:
         return False
     return True
 
+
+
+class DiskWork:
+    """The hash pool: the disk work an item needs starts the moment the item is read."""
+
+    def __init__(self, root: Path, ignore: Ignore, workers: int) -> None:
+        self.root = root
+        self._root = str(root)
+        self.ignore = ignore
+        #: Set on stop: a digest or scan still running gives up.
+        self.abort = threading.Event()
+        self._loop = asyncio.get_running_loop()
+        self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="dlopbox-hash")
+
+    def close(self) -> None:
+        self.abort.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def path(self, rel: str) -> str:
+        return os.path.join(self._root, rel)
+
+    def run(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        return self._loop.run_in_executor(self._pool, fn, *args)
+
+    def scan(self, rel: str, previous: Tree) -> asyncio.Future[ScanResult]:
+        return self.run(scan_path, self.root, rel, self.ignore, previous, self.abort)
+
+    def submit_scan(self, rel: str, previous: Tree) -> Future[ScanResult]:
+        """:meth:`scan`, as a pool future: it tells whether it has started running."""
+        return self._pool.submit(scan_path, self.root, rel, self.ignore, previous, self.abort)
+
+    def lstat(self, rel: str) -> asyncio.Future[os.stat_result | None]:
+        return self._loop.run_in_executor(self._pool, lstat_or_none, os.path.join(self._root, rel), OSError)
+
+    def read_version(self, rel: str) -> asyncio.Future[Entry | None]:
+        """:func:`hash_file` of ``rel``: at once for a small file, in the pool otherwise."""
+        path = os.path.join(self._root, rel)
+        st = lstat_or_none(path, OSError)
+        if st is not None and stat.S_ISREG(st.st_mode) and st.st_size <= INLINE_HASH_BYTES:
+            done: asyncio.Future[Entry | None] = self._loop.create_future()
+            done.set_result(hash_file(path, rel, self.abort))
+            return done
+        return self._loop.run_in_executor(self._pool, hash_file, path, rel, self.abort)
+
+    async def current(self, rel: str, entry: Entry | None) -> Entry | None:
+        """``entry`` if the file is still that version; else read it again (a rewrite raced the digest)."""
+        for _ in range(2):
+            st = lstat_or_none(self.path(rel), OSError) if entry is not None else None
+            if st is None or entry is None:
+                return None
+            if stat_matches(st, entry):
+                return entry
+            entry = await self.run(hash_file, self.path(rel), rel, self.abort)
+        return entry

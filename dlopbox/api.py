@@ -1,8 +1,8 @@
-"""The interface's read API as clients see it: manifest, history, progress and the client table.
+"""The interface's HTTP API as its callers see it: POST /events, manifest, history, progress, the client table.
 
 One :class:`InterfaceAPI` per process, over one kept-alive aiohttp session, authenticated
-with the read token. The manifest is streamed line by line, so a tree of 100,000 files
-never sits in memory as one JSON document.
+with the token of its role (the watcher's write token, the others' read token). The manifest
+is streamed line by line, so a tree of 100,000 files never sits in memory as one JSON document.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from .tree import Tree
 SPOOL_CHUNK = 1024 * 1024
 #: The interface holds a manifest request while its log catches up (up to 30 s by default).
 MANIFEST_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60)
+EVENTS_TIMEOUT = aiohttp.ClientTimeout(total=60, sock_connect=5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +44,15 @@ class InterfaceAPI:
         for segment in segments:
             url = url / segment
         return url
+
+    async def post_events(self, body: str) -> aiohttp.ClientResponse:
+        """POST /events with one batch's JSON: the open response, its body still to be read.
+
+        The status line comes once the batch is published; the body once it is logged, which
+        the caller may read in the background.
+        """
+        return await self.session.post(self._url("events"), data=body, timeout=EVENTS_TIMEOUT,
+                                       headers={**self.headers, "Content-Type": "application/json"})
 
     async def manifest(self) -> Manifest:
         """GET /manifest: the master's whole tree and the seq it reflects."""

@@ -27,7 +27,9 @@ import pytest
 from dlopbox.events import Entry, Event, Op
 from dlopbox.settings import DEFAULT_IGNORE, WatcherSettings
 from dlopbox.tree import Ignore, Tree, scan
-from dlopbox.watch.service import SETTLE_S, Watcher, open_for_writing
+from dlopbox.watch.disk import open_for_writing
+from dlopbox.watch.service import Watcher
+from dlopbox.watch.settle import SETTLE_S
 from tests.support.polling import eventually
 from tests.support.receiver import Receiver
 
@@ -96,7 +98,7 @@ async def watching(root: Path, receiver: Receiver, on_inotify: Callable[[], obje
             task = asyncio.create_task(watcher.run(stop))
             try:
                 if on_inotify is not None:
-                    await eventually(lambda: hasattr(watcher, "_inotify") or task.done(), 30, "inotify")
+                    await eventually(lambda: hasattr(watcher, "watches") or task.done(), 30, "inotify")
                     on_inotify()
                 await eventually(lambda: watcher.ready.is_set() or task.done(), 60, "the watcher to start")
                 if task.done():
@@ -488,7 +490,7 @@ async def test_a_kernel_queue_overflow_ends_with_the_receivers_tree_equal_to_the
             (root / "e/new/deeper/g").write_bytes(b"g")
 
         if not lowered:
-            watcher._overflowed(time.time())  # no way to make the kernel overflow: simulate its event
+            watcher.rescans.overflowed(time.time())  # no way to make the kernel overflow: simulate its event
         await asyncio.to_thread(churn)
         await wait_synced(receiver, root)
         assert watcher.overflows >= 1
@@ -509,7 +511,7 @@ async def test_a_stale_removal_read_after_the_file_is_back_never_deletes_it(root
         (root / "a").write_bytes(b"version 2, recreated")
         await wait_synced(receiver, root)
         sent = receiver.seq
-        await watcher.remove("a", time.time())  # as the stale IN_DELETE of version 1 would
+        await watcher.announcer.remove("a", time.time())  # as the stale IN_DELETE of version 1 would
         await asyncio.sleep(0.5)
         await wait_synced(receiver, root, timeout=5)
         assert receiver.events(sent) == []

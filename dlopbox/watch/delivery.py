@@ -28,11 +28,12 @@ from collections import deque
 from collections.abc import Callable
 
 import aiohttp
-import yarl
 
-from ..api import APIError, InterfaceAPI
+from ..api import InterfaceAPI
+from ..errors import HTTP_ERRORS, APIError
 from ..events import Batch, Event, Op
 from ..paths import is_within
+from ..retry import Backoff
 from ..tree import Tree
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,6 @@ BACKOFF_FIRST_S = 0.05
 BACKOFF_MAX_S = 2.0
 #: Answers worth retrying: the interface (or what is in front of it) is not ready yet.
 RETRY_STATUSES = frozenset({401, 403, 408, 425, 429})
-REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=60, sock_connect=5)
 FAILURE_LOG_EVERY_S = 10.0
 #: The longest a batch stays open while a burst lasts.
 BURST_WINDOW_MAX_S = 0.1
@@ -160,9 +160,6 @@ class Delivery:
 
     def __init__(self, session: aiohttp.ClientSession, interface_url: str, token: str, *, batch_ms: float,
                  batch_max: int, buffer_max: int, on_lost: Callable[[], None] = lambda: None) -> None:
-        self.session = session
-        self.base = yarl.URL(interface_url)
-        self.headers = {"Authorization": f"Bearer {token}"}
         self.api = InterfaceAPI(session, interface_url, token)
         self.batch_s = batch_ms / 1000
         self.batch_max = max(1, batch_max)
@@ -263,7 +260,7 @@ class Delivery:
         """The body of a 200: it comes once the batch is logged (the batch is durable already)."""
         try:
             await response.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except HTTP_ERRORS as exc:
             log.warning("batch %s was published, but its reply was cut short (%s: %s); the interface's "
                         "journal logs it", batch.batch_id, type(exc).__name__, exc)
         finally:
@@ -346,15 +343,13 @@ class Delivery:
 
         Returns the open response of a 200, whose body is still to be read, or None.
         """
-        url = self.base / "events"
         body = batch.to_json()
-        headers = {**self.headers, "Content-Type": "application/json"}
-        delay = BACKOFF_FIRST_S
+        backoff = Backoff(BACKOFF_FIRST_S, BACKOFF_MAX_S)
         attempts = 0
         while True:
             attempts += 1
             try:
-                response = await self.session.post(url, data=body, headers=headers, timeout=REQUEST_TIMEOUT)
+                response = await self.api.post_events(body)
                 status = response.status
                 if status == 200:
                     self._succeeded(attempts)
@@ -363,7 +358,7 @@ class Delivery:
                     return response
                 async with response:
                     text = await response.text(errors="replace")
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            except HTTP_ERRORS as exc:
                 self._failed(f"POST /events failed: {type(exc).__name__}: {exc}")
             else:
                 if status == 413 and len(batch.events) > 1:
@@ -382,8 +377,7 @@ class Delivery:
                     log.error("the interface refused batch %s of %d events for good (%d): %s", batch.batch_id,
                               len(batch.events), status, text[:1000])
                     return None
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, BACKOFF_MAX_S)
+            await backoff.wait()
 
     def _refused(self, batch: Batch, text: str) -> None:
         """A 400: drop the one event the interface names and send the others, in order."""
@@ -420,16 +414,15 @@ class Delivery:
 
     async def fetch_manifest(self) -> Tree:
         """GET /manifest, retrying with backoff until the interface answers it in full."""
-        delay = BACKOFF_FIRST_S
+        backoff = Backoff(BACKOFF_FIRST_S, BACKOFF_MAX_S)
         while True:
             try:
                 return await self._manifest_once()
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-                self._failed(f"GET /manifest failed: {type(exc).__name__}: {exc}")
             except APIError as exc:
                 self._failed(f"GET /manifest: {exc}")
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, BACKOFF_MAX_S)
+            except HTTP_ERRORS as exc:
+                self._failed(f"GET /manifest failed: {type(exc).__name__}: {exc}")
+            await backoff.wait()
 
     async def _manifest_once(self) -> Tree:
         tree = (await self.api.manifest()).tree

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
 import random
 import time
@@ -391,6 +392,7 @@ async def test_healthz_and_metrics(rabbit, mongo, mongo_db):
             health = await r.json()
             assert r.status == 200 and health["mongodb"] == "ok" and health["rabbitmq"] == "ok"
             assert (health["head"], health["logged"], health["log_degraded"]) == (2, 2, False)
+            assert health["version"] == importlib.metadata.version("dlopbox")
         async with http.get(svc.url + "/metrics") as r:
             assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
             text = await r.text()
@@ -443,6 +445,7 @@ def test_openapi_describes_exactly_the_routes_of_the_app():
     get = spec["paths"]["/events"]["get"]
     assert {p["name"] for p in get["parameters"]} == {"since", "prefix", "limit"}
     assert get["parameters"][2]["schema"]["maximum"] == http.EVENTS_LIMIT_MAX
+    assert "version" in spec["components"]["schemas"]["Health"]["required"]
 
 
 async def test_graceful_shutdown_finishes_in_flight_commits(rabbit, mongo, mongo_db):

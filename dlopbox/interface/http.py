@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
+import importlib.metadata
 import json
 import logging
 import time
@@ -33,6 +34,7 @@ EVENTS_LIMIT = 1000
 EVENTS_LIMIT_MAX = 10_000
 STREAM_CHUNK = 256 * 1024
 RETRY_AFTER = "1"
+VERSION = importlib.metadata.version("dlopbox")
 
 
 def openapi_spec() -> str:
@@ -207,7 +209,7 @@ async def get_clients(request: web.Request) -> web.Response:
 async def get_healthz(request: web.Request) -> web.Response:
     health = await request.app[INGEST].health()
     healthy = health["ready"] and health["mongodb"] == "ok" and health["rabbitmq"] == "ok"
-    body = {"status": "ok" if healthy else "unavailable", **health}
+    body = {"status": "ok" if healthy else "unavailable", **health, "version": VERSION}
     return web.json_response(body, status=200 if healthy else 503)
 
 

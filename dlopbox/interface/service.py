@@ -1,15 +1,13 @@
 """`dlopbox interface`: the ingestion API (port 5000).
 
-Every accepted batch gets gap-free seqs and is, concurrently, published to RabbitMQ
-(publisher confirm awaited) and written to the MongoDB log and tree state; the MongoDB
-transaction commits only after the confirm. One lock (the commit lock) serialises numbering
-and publication, so numbering order and publication order agree; it is released once the
-batch is confirmed, so the next batch is published while this one is still being logged.
-Direct log writes are chained (each starts after the previous one ended), so log order
-agrees too; a second lock (the log lock) serialises them with the journal keeper's writes
-and with manifest snapshots. POST /events sends its 200 status line and headers once the
-batch is published (durable in the client queues and the journal) and its body once the
-log write ended, so a watcher may send its next batch before this one is logged.
+Every accepted batch gets gap-free seqs (sequence.py) and is, concurrently, published to
+RabbitMQ (publisher confirm awaited) and written to the MongoDB log and tree state; the MongoDB
+transaction commits only after the confirm (commit.py). The log lock, created here, serialises
+direct log writes with the journal keeper's writes (journal.py) and with manifest snapshots
+(manifest.py). Start-up recovery is recovery.py, the routes http.py. POST /events sends its
+200 status line and headers once the batch is published (durable in the client queues and
+the journal) and its body once the log write ended, so a watcher may send its next batch
+before this one is logged.
 
 When a backend fails:
 - RabbitMQ down: POST /events answers 503 before numbering anything. A batch whose publish

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
 import random
 import time
@@ -12,7 +13,10 @@ import pytest
 import yaml
 
 from dlopbox.events import Entry, Event, Op
-from dlopbox.interface import service as interface
+from dlopbox.interface import eventlog, http, journal
+from dlopbox.interface.metrics import Metrics
+from dlopbox.interface.service import Ingest
+from dlopbox.settings import InterfaceSettings
 from dlopbox.tree import Tree
 from tests.support.interface_harness import (
     READ,
@@ -190,13 +194,13 @@ async def test_the_journal_mark_is_written_now_and_then_not_per_batch_and_on_sto
                                                                                  monkeypatch):
     """The keeper used to write the mark (last seq seen in the journal) once per batch: a MongoDB write each."""
     marks: list[int] = []
-    real_mark = interface.EventLog.mark_journaled
+    real_mark = eventlog.EventLog.mark_journaled
 
     async def counted_mark(self, seq: int) -> None:
         marks.append(seq)
         await real_mark(self, seq)
 
-    monkeypatch.setattr(interface.EventLog, "mark_journaled", counted_mark)
+    monkeypatch.setattr(eventlog.EventLog, "mark_journaled", counted_mark)
     settings = settings_for(rabbit, mongo, mongo_db)
     async with mongo_reader(mongo, mongo_db) as db, aiohttp.ClientSession() as http:
         async with running(settings) as svc:
@@ -204,10 +208,10 @@ async def test_the_journal_mark_is_written_now_and_then_not_per_batch_and_on_sto
             for i in range(40):
                 status, _ = await post_batch(http, svc.url, [write_event(f"f{i}")], f"mark-{i}")
                 assert status == 200
-            await asyncio.sleep(interface.JOURNAL_MARK_EVERY * 1.5)  # the keeper sees the last copies, one mark
+            await asyncio.sleep(journal.JOURNAL_MARK_EVERY * 1.5)  # the keeper sees the last copies, one mark
             during, elapsed = len(marks), time.monotonic() - started
         assert (await db.db.meta.find_one({"_id": "journal"}))["seq"] == 40, "the stop writes the last mark"
-    assert 1 <= during <= min(39, elapsed / interface.JOURNAL_MARK_EVERY + 2), \
+    assert 1 <= during <= min(39, elapsed / journal.JOURNAL_MARK_EVERY + 2), \
         f"{during} journal marks for 40 batches in {elapsed:.1f} s"
     assert marks == sorted(marks)
 
@@ -388,6 +392,7 @@ async def test_healthz_and_metrics(rabbit, mongo, mongo_db):
             health = await r.json()
             assert r.status == 200 and health["mongodb"] == "ok" and health["rabbitmq"] == "ok"
             assert (health["head"], health["logged"], health["log_degraded"]) == (2, 2, False)
+            assert health["version"] == importlib.metadata.version("dlopbox")
         async with http.get(svc.url + "/metrics") as r:
             assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
             text = await r.text()
@@ -419,9 +424,10 @@ async def test_without_backends_it_answers_503_and_keeps_trying(rabbit, mongo, m
 
 
 def test_openapi_describes_exactly_the_routes_of_the_app():
-    spec = yaml.safe_load(interface.openapi_spec())
+    spec = yaml.safe_load(http.openapi_spec())
     assert spec["openapi"].startswith("3.")
-    app = interface.create_app(interface.InterfaceSettings(token="t", read_token="r"))
+    settings, metrics = InterfaceSettings(token="t", read_token="r"), Metrics()
+    app = http.create_app(settings, Ingest(settings, metrics), metrics)
     routes = {(route.resource.canonical, route.method.lower()) for route in app.router.routes()}
     described = {(path, method) for path, item in spec["paths"].items() for method in item}
     assert routes == described
@@ -438,7 +444,8 @@ def test_openapi_describes_exactly_the_routes_of_the_app():
     assert {"200", "400", "401", "403", "413", "503"} <= set(post)
     get = spec["paths"]["/events"]["get"]
     assert {p["name"] for p in get["parameters"]} == {"since", "prefix", "limit"}
-    assert get["parameters"][2]["schema"]["maximum"] == interface.EVENTS_LIMIT_MAX
+    assert get["parameters"][2]["schema"]["maximum"] == http.EVENTS_LIMIT_MAX
+    assert "version" in spec["components"]["schemas"]["Health"]["required"]
 
 
 async def test_graceful_shutdown_finishes_in_flight_commits(rabbit, mongo, mongo_db):

@@ -17,7 +17,7 @@ from pymongo import AsyncMongoClient
 
 from dlopbox import broker
 from dlopbox.events import Batch, Event, Op
-from dlopbox.interface import service as interface
+from dlopbox.interface import service
 from dlopbox.settings import InterfaceSettings
 from tests.support.polling import eventually
 from tests.support.services import free_port
@@ -45,7 +45,7 @@ class Running:
 
     async def start(self, *, wait_ready: bool = True) -> None:
         self.stop = asyncio.Event()
-        self.task = asyncio.create_task(interface.run(self.settings, stop=self.stop))
+        self.task = asyncio.create_task(service.run(self.settings, stop=self.stop))
         async with aiohttp.ClientSession() as session:
             async def listening() -> bool:
                 assert self.task is not None

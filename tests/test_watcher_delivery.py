@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from dlopbox.events import Entry, Event, Op
 from dlopbox.paths import is_within
 from dlopbox.tree import Tree
-from dlopbox.watch.delivery import Delivery, OpenBatch
+from dlopbox.watch.coalesce import OpenBatch
+from dlopbox.watch.delivery import Delivery
 from tests.support.polling import eventually
 from tests.support.receiver import Receiver
 

@@ -1,6 +1,6 @@
 """The watcher's way to the interface: coalesce events into batches, POST them in order, retry until durable.
 
-Events arrive one by one from the watcher, already in order. :class:`OpenBatch` merges the
+Events arrive one by one from the watcher, already in order. :class:`~dlopbox.watch.coalesce.OpenBatch` merges the
 ones that cancel or supersede each other while the batch is open (50 writes of one file are
 one write; a file created and deleted is nothing). :class:`Delivery` closes a batch
 ``batch_ms`` after its first event — or at once at ``batch_max`` events — and POSTs the
@@ -19,7 +19,6 @@ manifest instead, which sends exactly what is missing.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import secrets
@@ -31,10 +30,10 @@ import aiohttp
 
 from ..api import InterfaceAPI
 from ..errors import HTTP_ERRORS, APIError
-from ..events import Batch, Event, Op
-from ..paths import is_within
+from ..events import Batch, Event
 from ..retry import Backoff
 from ..tree import Tree
+from .coalesce import OpenBatch
 
 log = logging.getLogger(__name__)
 
@@ -50,109 +49,26 @@ BURST_WINDOW_MAX_S = 0.1
 MAX_IN_FLIGHT = 3
 
 
-class OpenBatch:
-    """The events of the batch being filled, coalesced as they arrive.
-
-    Dropped events leave a ``None`` in place so that the indexes in ``last`` stay valid.
-    ``barrier`` is the index of the latest directory move or rmdir: it changes paths below
-    it, so nothing before it is merged with anything after it.
-    """
+class Outage:
+    """How long the interface has failed: logged when it starts, every FAILURE_LOG_EVERY_S, and when it ends."""
 
     def __init__(self) -> None:
-        self.events: list[Event | None] = []
-        self.created: list[bool] = []  # the event's path (a move's dest) did not exist for the slaves before it
-        self.last: dict[str, int] = {}  # path -> index of the latest event naming it
-        self.barrier = -1
-        self.live = 0
+        self.since: float | None = None
+        self._last_log = 0.0
 
-    def __len__(self) -> int:
-        return self.live
+    def failed(self, message: str) -> None:
+        now = time.monotonic()
+        if self.since is None:
+            self.since = self._last_log = now
+            log.warning("%s; retrying with backoff", message)
+        elif now - self._last_log >= FAILURE_LOG_EVERY_S:
+            self._last_log = now
+            log.warning("%s; still retrying after %.0f s", message, now - self.since)
 
-    def events_out(self) -> tuple[Event, ...]:
-        return tuple(e for e in self.events if e is not None)
-
-    def add(self, event: Event, created: bool = False) -> None:
-        """Append ``event``, merging it with an earlier event of the same path when that is exact."""
-        path = event.path
-        match event.op:
-            case Op.WRITE:
-                i = self._latest(path)
-                if i is not None and self._op(i) in (Op.WRITE, Op.ATTRIB):
-                    created = created or (self._op(i) is Op.WRITE and self.created[i])
-                    self._drop(i)
-            case Op.ATTRIB:
-                i = self._latest(path)
-                if i is not None:
-                    prev = self.events[i]
-                    assert prev is not None
-                    if prev.op is Op.WRITE:
-                        self.events[i] = dataclasses.replace(prev, mode=event.mode, mtime_ns=event.mtime_ns)
-                        return
-                    if prev.op is Op.MKDIR:
-                        self.events[i] = dataclasses.replace(prev, mode=event.mode)
-                        return
-                    if prev.op is Op.ATTRIB:
-                        self._drop(i)
-            case Op.DELETE:
-                i = self._latest(path)
-                if i is not None and self._op(i) in (Op.WRITE, Op.ATTRIB):
-                    was_created = self._op(i) is Op.WRITE and self.created[i]
-                    self._drop(i)
-                    if was_created:
-                        return
-            case Op.RMDIR:
-                if self._drop_tail_within(path):
-                    return
-            case Op.MOVE if not event.is_dir:
-                assert event.dest is not None
-                i = self._latest(path)
-                if i is not None and self._op(i) is Op.WRITE and self.created[i]:
-                    # A new file renamed into place (the usual atomic save): announce it where it landed.
-                    prev = self.events[i]
-                    assert prev is not None
-                    self._drop(i)
-                    event = dataclasses.replace(prev, path=event.dest, ts=event.ts)
-        self._append(event, created)
-
-    def _op(self, index: int) -> Op:
-        event = self.events[index]
-        assert event is not None
-        return event.op
-
-    def _latest(self, path: str) -> int | None:
-        """The latest live event naming ``path`` with nothing since that could have moved it."""
-        i = self.last.get(path)
-        if i is None or i <= self.barrier or self.events[i] is None:
-            return None
-        return i
-
-    def _drop_tail_within(self, directory: str) -> bool:
-        """Drop the trailing events that only touch ``directory``'s subtree; True if it was created in them."""
-        j = len(self.events) - 1
-        while j >= 0:
-            event = self.events[j]
-            if event is not None:
-                if not all(is_within(p, directory) for p in event.paths()):
-                    return False
-                self._drop(j)
-                if event.op is Op.MKDIR and event.path == directory:
-                    return True
-            j -= 1
-        return False
-
-    def _drop(self, index: int) -> None:
-        self.events[index] = None
-        self.live -= 1
-
-    def _append(self, event: Event, created: bool) -> None:
-        index = len(self.events)
-        self.events.append(event)
-        self.created.append(created)
-        for p in event.paths():
-            self.last[p] = index
-        if event.op is Op.RMDIR or (event.op is Op.MOVE and event.is_dir):
-            self.barrier = index
-        self.live += 1
+    def recovered(self, attempts: int) -> None:
+        if self.since is not None:
+            log.info("the interface answers again after %.1f s (%d attempts)", time.monotonic() - self.since, attempts)
+            self.since = None
 
 
 class Delivery:
@@ -181,8 +97,7 @@ class Delivery:
         self._due = False
         self._window = self.batch_s
         self._sealed_at = float("-inf")
-        self._failing_since: float | None = None
-        self._last_failure_log = 0.0
+        self.outage = Outage()
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -195,7 +110,7 @@ class Delivery:
 
     @property
     def failing(self) -> bool:
-        return self._failing_since is not None
+        return self.outage.since is not None
 
     def add(self, event: Event, created: bool = False) -> None:
         """Queue one event; ``created``: the slaves had nothing at its path (at its ``dest`` for a move)."""
@@ -352,7 +267,7 @@ class Delivery:
                 response = await self.api.post_events(body)
                 status = response.status
                 if status == 200:
-                    self._succeeded(attempts)
+                    self.outage.recovered(attempts)
                     self.requests += 1
                     self.events_sent += len(batch.events)
                     return response
@@ -396,21 +311,8 @@ class Delivery:
             self._enqueue(rest, front=True)
 
     def _failed(self, message: str) -> None:
-        now = time.monotonic()
-        if self._failing_since is None:
-            self._failing_since = now
-            self._last_failure_log = now
-            log.warning("%s; retrying with backoff", message)
-        elif now - self._last_failure_log >= FAILURE_LOG_EVERY_S:
-            self._last_failure_log = now
-            log.warning("%s; still retrying after %.0f s", message, now - self._failing_since)
+        self.outage.failed(message)
         self._progress.set()
-
-    def _succeeded(self, attempts: int) -> None:
-        if self._failing_since is not None:
-            log.info("the interface answers again after %.1f s (%d attempts)",
-                     time.monotonic() - self._failing_since, attempts)
-            self._failing_since = None
 
     async def fetch_manifest(self) -> Tree:
         """GET /manifest, retrying with backoff until the interface answers it in full."""
@@ -426,5 +328,5 @@ class Delivery:
 
     async def _manifest_once(self) -> Tree:
         tree = (await self.api.manifest()).tree
-        self._succeeded(1)
+        self.outage.recovered(1)
         return tree

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the Debian packages an entry point needs on this machine, those missing only.
 #
-#   deploy/host-packages.sh [--dry-run] PROFILE...
+#   deploy/host-packages.sh [--dry-run] [--package NAME]... PROFILE...
 #
 # Profiles (what each entry point calls on the host):
 #   images        python3 with pip (wheels are downloaded on the host), ca-certificates:
@@ -12,9 +12,10 @@
 #
 # Installs with apt-get (through sudo when not root), with Debian's services kept from
 # starting (a policy-rc.d for the time of the install) and waiting for another apt's lock.
-# --dry-run prints the commands it would run, one a line, and runs none. Where it cannot
-# install (not root and no sudo, or no apt-get) it prints one line saying what to run and
-# exits 1. Whether a package is installed is read from dpkg's database (dpkg-query).
+# --dry-run prints the commands it would run, one a line, and runs none. --package NAME
+# adds one package to those of the profiles. Where it cannot install (not root and no
+# sudo, or no apt-get) it prints one line saying what to run and exits 1. Whether a
+# package is installed is read from dpkg's database (dpkg-query).
 set -euo pipefail
 
 die() { printf 'host-packages.sh: %s\n' "$1" >&2; exit "${2:-1}"; }
@@ -35,22 +36,27 @@ installed() {
 
 dry_run=0
 profiles=()
-for arg in "$@"; do
-    case $arg in
+wanted=()
+while [ $# -gt 0 ]; do
+    case $1 in
         --dry-run) dry_run=1 ;;
+        --package) [[ ${2:-} =~ ^[a-z0-9][a-z0-9.+-]+$ ]] || die "--package wants a Debian package name" 2
+                   wanted+=("$2"); shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-        -*) die "unknown option $arg (see --help)" 2 ;;
-        *) profiles+=("$arg") ;;
+        -*) die "unknown option $1 (see --help)" 2 ;;
+        *) profiles+=("$1") ;;
     esac
+    shift
 done
-[ ${#profiles[@]} -gt 0 ] || die "which profile? (images, local-images, tests, bench; see --help)" 2
+[ $((${#profiles[@]} + ${#wanted[@]})) -gt 0 ] || die "which profile? (images, local-images, tests, bench; see --help)" 2
 
-missing=()
 for profile in "${profiles[@]}"; do
     packages=$(profile_packages "$profile") || exit
-    for package in $packages; do
-        [[ " ${missing[*]} " == *" $package "* ]] || installed "$package" || missing+=("$package")
-    done
+    wanted+=($packages)
+done
+missing=()
+for package in "${wanted[@]}"; do
+    [[ " ${missing[*]} " == *" $package "* ]] || installed "$package" || missing+=("$package")
 done
 [ ${#missing[@]} -gt 0 ] || exit 0
 
@@ -58,7 +64,7 @@ command -v dpkg-query >/dev/null && command -v apt-get >/dev/null \
     || die "needs ${missing[*]} and this machine has no apt-get: install them with its package manager"
 sudo=
 if [ "$(id -u)" != 0 ]; then
-    command -v sudo >/dev/null || die "needs ${missing[*]}: run as root: apt-get install -y --no-install-recommends ${missing[*]}"
+    command -v sudo >/dev/null || die "needs ${missing[*]}: run as root: apt-get update && apt-get install -y --no-install-recommends ${missing[*]}"
     sudo="sudo "
 fi
 
@@ -73,7 +79,7 @@ if [ "$dry_run" = 1 ]; then
     printf '%s\n' "${plan[@]}"
     exit 0
 fi
-printf 'host-packages.sh: installing %s (for %s)\n' "${missing[*]}" "${profiles[*]}" >&2
+printf 'host-packages.sh: installing %s\n' "${missing[*]}" >&2
 status=0
 for step in "${plan[@]}"; do
     # The policy-rc.d is removed even when the install failed.

@@ -261,7 +261,7 @@ next_steps() {
   ./docker-run.sh down              stop and remove the containers (add --volumes to delete the data too)
 EOF
     if [ -n "$compose" ]; then
-        printf '  %-32s  the same system with compose (%s down stops it)\n' "$compose up -d" "$compose"
+        printf '  %-32s  compose runs the same system instead, after a down (%s down stops it)\n' "$compose up -d" "$compose"
     fi
 }
 

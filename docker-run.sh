@@ -82,6 +82,7 @@ load_env() {
     [ "$weak" = 0 ] || sleep 2
 }
 
+command -v docker >/dev/null || die "docker is not installed (Docker Engine is the one thing this script needs)"
 env_file=${DLOPBOX_ENV_FILE:-.env}
 project=${DLOPBOX_PROJECT:-dlopbox}
 clients=${DLOPBOX_CLIENTS:-1}
@@ -238,6 +239,30 @@ up() {
         if [ "${name##*-}" -gt "$clients" ]; then run docker stop "$name" >/dev/null; run docker rm -v "$name" >/dev/null; fi
     done
     status
+    next_steps
+}
+
+# compose.yaml runs the same system; docker-run.sh itself needs only docker.
+compose_command() {
+    if docker compose version >/dev/null 2>&1; then echo "docker compose"
+    elif command -v docker-compose >/dev/null; then echo docker-compose
+    fi
+}
+
+next_steps() {
+    local compose
+    compose=$(compose_command)
+    say "$project is up: what next"
+    cat <<EOF
+  ./docker-run.sh test              the brief's check: touch /shared/prova in master, then ls in each client
+  ./docker-run.sh logs [SERVICE]    the last log lines of every service, or of one (master, client-1, ...)
+  docker logs -f $project-master    follow one service's log as it happens
+  ./docker-run.sh status            the containers and their health
+  ./docker-run.sh down              stop and remove the containers (add --volumes to delete the data too)
+EOF
+    if [ -n "$compose" ]; then
+        printf '  %-32s  compose runs the same system instead, after a down (%s down stops it)\n' "$compose up -d" "$compose"
+    fi
 }
 
 down() {

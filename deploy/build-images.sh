@@ -18,6 +18,8 @@
 # downloaded on the host as wheels and installed in the image with --no-index, so no
 # build step needs the network inside docker. The image variables for compose.yaml
 # and docker-run.sh are written to FILE (default deploy/.cache/images.env).
+# The host packages a step needs (pip for the wheels, mmdebstrap for the local path)
+# are installed when that step runs, by deploy/host-packages.sh.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -61,6 +63,13 @@ while [ $# -gt 0 ]; do
 done
 
 log() { printf '==> [%3ds] %s\n' "$SECONDS" "$*" >&2; }
+# Seconds per step, summed up at the end: what a cold build spends its time on.
+timings=()
+mark=$SECONDS
+timed() {  # step: it took the time since the last mark
+    timings+=("$1 $((SECONDS - mark)) s")
+    mark=$SECONDS
+}
 die() { printf 'build-images.sh: %s\n' "$*" >&2; exit 1; }
 sha() { sha256sum | cut -c1-16; }
 
@@ -98,6 +107,7 @@ if [ "$mode" = auto ]; then
             break
         fi
     done
+    timed "registry check"
 fi
 case $mode in
     official)
@@ -181,7 +191,10 @@ rootfs_images() {  # tag=packages...: each image up to date, from a cached or a 
         if up_to_date "$tag" "$(rootfs_hash "$packages")"; then
             continue
         elif [ ! -s "$(rootfs_tarball "$tag" "$packages")" ] || [ "$force" = 1 ]; then
-            command -v mmdebstrap >/dev/null || die "mmdebstrap is missing: apt-get install mmdebstrap"
+            if [ ${#jobs[@]} = 0 ]; then
+                "$here/host-packages.sh" local-images
+                timed "host packages"
+            fi
             sources=$(apt_sources)
             log "mmdebstrap $suite with $packages, in the background (from ${sources:-the default mirror of mmdebstrap})"
             mkdir -p "$cache/rootfs"
@@ -196,6 +209,7 @@ rootfs_images() {  # tag=packages...: each image up to date, from a cached or a 
         fi
     done
     [ "$failed" = 0 ] || die "mmdebstrap failed"
+    [ ${#jobs[@]} = 0 ] || timed "mmdebstrap (${#jobs[@]} in parallel)"
     for spec in "$@"; do
         tag=${spec%%=*} packages=${spec#*=}
         if up_to_date "$tag" "$(rootfs_hash "$packages")"; then
@@ -205,6 +219,7 @@ rootfs_images() {  # tag=packages...: each image up to date, from a cached or a 
         docker import --change "LABEL org.dlopbox.inputs=$(rootfs_hash "$packages")" \
             --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8' \
             --change 'CMD ["bash"]' "$(rootfs_tarball "$tag" "$packages")" "$tag" >/dev/null
+        timed "docker import $tag"
     done
 }
 
@@ -219,6 +234,7 @@ build() {  # tag hash context dockerfile [build-arg...]; the first tag gets the 
         printf '%s\n' "$output" >&2
         die "docker build $tag failed"
     fi
+    timed "docker build $tag"
 }
 
 # ---------------------------------------------------------------- the local stand-ins
@@ -246,8 +262,10 @@ if [ "$mode" = local ]; then
         context=$cache/context/mongo
         fresh_dir "$context"
         cp -a "$here/images/mongo/." "$context/"
+        "$here/host-packages.sh" images
         log "pip download secantusdb==$secantusdb_version and its dependencies"
         "$python" -m pip download --quiet "${pip_target[@]}" -d "$context/wheels" "secantusdb==$secantusdb_version"
+        timed "pip download secantusdb"
         build "$local_mongo" "$hash" "$context" "$context/Dockerfile" "BASE_IMAGE=$local_base"
     fi
 fi
@@ -266,9 +284,11 @@ else
     cp -a "$repo/pyproject.toml" "$repo/dlopbox" "$src/"
     [ -f "$repo/README.md" ] && cp "$repo/README.md" "$src/"
     [ -f "$repo/LICENSE" ] && cp "$repo/LICENSE" "$src/"
+    "$here/host-packages.sh" images
     log "pip wheel dlopbox, pip download its dependencies"
     "$python" -m pip wheel --quiet --no-deps -w "$wheels" "$src"
     "$python" -m pip download --quiet "${pip_target[@]}" -d "$wheels" "$wheels"/dlopbox-*.whl
+    timed "pip wheel and download dlopbox"
     rm -rf "$src"
     build "${dlopbox_tags[0]}" "$hash" "$here" "$here/Dockerfile" "BASE_IMAGE=$base"
 fi
@@ -286,4 +306,5 @@ DLOPBOX_NGINX_IMAGE=$nginx
 DLOPBOX_RABBITMQ_IMAGE=$rabbitmq
 DLOPBOX_MONGO_IMAGE=$mongo
 EOF
+[ ${#timings[@]} = 0 ] || log "time per step: $(IFS=';'; echo "${timings[*]}" | sed 's/;/; /g')"
 log "done: ${dlopbox_tags[*]} on $base; $nginx, $rabbitmq, $mongo (variables in $env_out)"

@@ -11,7 +11,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from .lifecycle import configure_logging, serve
+from .lifecycle import configure_logging, serve, version
 from .settings import (
     ClientSettings,
     InterfaceSettings,
@@ -55,6 +55,7 @@ def _settings(cls: type, args: argparse.Namespace) -> Any:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dlopbox", description="Real-time one-way sync from a master directory to many slaves.")
+    parser.add_argument("--version", action="version", version=f"dlopbox {version()}")
     parser.add_argument("--log-level", default=os.environ.get("DLOPBOX_LOG_LEVEL", "INFO"), help="DEBUG, INFO, WARNING or ERROR [env DLOPBOX_LOG_LEVEL]")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -92,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run_service(module: str, settings: Any) -> int:
     mod = importlib.import_module(f"dlopbox.{module}.service")
-    serve(lambda stop: mod.run(settings, stop=stop))
+    serve(lambda stop: mod.run(settings, stop=stop), command=module)
     return 0
 
 

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Awaitable, Callable
+from importlib import metadata
 from typing import TypeVar
 
 import uvloop
@@ -33,8 +34,18 @@ def _on_signal(stop: asyncio.Event, sig: signal.Signals) -> None:
     stop.set()
 
 
-def serve(main: Callable[[asyncio.Event], Awaitable[T]]) -> T:
-    """Run ``main(stop)`` on uvloop until it returns; signals set ``stop``."""
+def version() -> str:
+    """dlopbox's version, from the installed package's metadata."""
+    return metadata.version("dlopbox")
+
+
+def serve(main: Callable[[asyncio.Event], Awaitable[T]], command: str | None = None) -> T:
+    """Run ``main(stop)`` on uvloop until it returns; signals set ``stop``.
+
+    A service passes its ``command``, logged with the version as it starts.
+    """
+    if command is not None:
+        log.info("dlopbox %s %s starting", version(), command)
 
     async def runner() -> T:
         stop = asyncio.Event()

@@ -9,6 +9,7 @@ the volumes, then `down --volumes` removing them.
 from __future__ import annotations
 
 import secrets
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +41,19 @@ def test_up_twice_changes_nothing(docker_run_system: DockerRun) -> None:
 
     before = ids()
     assert len(before) == 7  # two clients
-    docker_run_system("up", "--clients", "2")
+    result = docker_run_system("up", "--clients", "2")
     assert ids() == before
+    # It ends with what to do next.
+    assert "./docker-run.sh test " in result.stdout and "./docker-run.sh down " in result.stdout
+
+
+def test_every_service_logs_its_version_as_it_starts(docker_run_system: DockerRun) -> None:
+    version = metadata.version("dlopbox")
+    for service, command in (("master", "watch"), ("interface", "interface"), ("client", "client")):
+        for name in docker_run_system.containers(service):
+            logs = run("docker", "logs", name)
+            assert f"dlopbox {version} {command} starting" in logs.stdout + logs.stderr, name
+    assert run("docker", "exec", docker_run_system.one("master"), "dlopbox", "--version").stdout == f"dlopbox {version}\n"
 
 
 def test_brief_steps_and_the_test_command(docker_run_system: DockerRun) -> None:

@@ -13,6 +13,7 @@ import pytest
 from dlopbox import broker
 from tests.support.fake_interface import FakeInterface, FakeMaster
 from tests.support.pipeline_harness import InterfaceProcess
+from tests.support.receiver import Receiver
 from tests.support.services import NginxServer, RabbitNode, SecantusNode
 
 
@@ -119,3 +120,20 @@ def interface_process(rabbit: RabbitNode, mongo: SecantusNode, tmp_path_factory:
     process.start()
     yield process
     process.stop()
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    """The fake interface a watcher posts to (records every batch and answers the manifest)."""
+    r = Receiver()
+    await r.start()
+    yield r
+    await r.stop()
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    """The master's directory for a watcher under test."""
+    path = tmp_path / "master"
+    path.mkdir()
+    return path

@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
-import pytest
 from asyncinotify import Inotify
 
 from dlopbox.events import Entry, Event, Op
@@ -32,21 +31,6 @@ from dlopbox.watch.rescan import Rescans
 from dlopbox.watch.watches import Watches
 from tests.support.polling import eventually
 from tests.support.receiver import Receiver
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    r = Receiver()
-    await r.start()
-    yield r
-    await r.stop()
-
-
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    path = tmp_path / "master"
-    path.mkdir()
-    return path
 
 
 @dataclasses.dataclass

@@ -36,21 +36,6 @@ from tests.support.receiver import Receiver
 MAX_QUEUED_EVENTS = Path("/proc/sys/fs/inotify/max_queued_events")
 
 
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    r = Receiver()
-    await r.start()
-    yield r
-    await r.stop()
-
-
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    path = tmp_path / "master"
-    path.mkdir()
-    return path
-
-
 def strip(tree: Tree) -> dict[str, Entry]:
     return {p: dataclasses.replace(e, seq=None) for p, e in tree.entries.items()}
 

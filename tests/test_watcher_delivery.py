@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
 
 import aiohttp
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -148,14 +146,6 @@ def test_nothing_is_merged_across_a_directory_move():
 
 
 # -- sending --------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    r = Receiver()
-    await r.start()
-    yield r
-    await r.stop()
 
 
 async def test_batches_are_sent_in_order_retried_with_the_same_id_and_split_when_too_large(receiver: Receiver):

@@ -73,6 +73,8 @@ def hash_blocks(fd: int, size: int, first: int, last: int, abort: threading.Even
         if data_at < offset:
             data_at = next_data(fd, offset, size)
         if data_at >= offset + length:
+            if os.fstat(fd).st_size < offset + length:
+                raise Changed(f"{size} bytes expected, {os.fstat(fd).st_size} found")
             out.append(zero_digest(length))
             continue
         view = memoryview(buffer)[:length]

@@ -60,7 +60,9 @@ class Client:
             log.warning("%s was last synced by client %r; continuing from its seq %d as %r",
                         self.target, state.client_id, state.seq, self.settings.client_id)
         connector = aiohttp.TCPConnector(limit=self.settings.downloads + 4)
-        async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
+        # nginx's access log then tells which slave fetched what.
+        headers = {"User-Agent": f"dlopbox-client/{self.settings.client_id}"}
+        async with aiohttp.ClientSession(connector=connector, auto_decompress=False, headers=headers) as session:
             self._wire(session, state)
             connection = await connect(self.settings.amqp_url, stop)
             if connection is None:

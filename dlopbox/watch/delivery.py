@@ -47,7 +47,7 @@ BURST_WINDOW_MAX_S = 0.1
 #: Batches published whose reply body (sent once logged) is still awaited; the watcher's
 #: session keeps one more connection for GET /manifest.
 MAX_IN_FLIGHT = 3
-#: A batch is sealed once its events carry this many block hashes (67 bytes of JSON each, 16 MiB of
+#: A batch is sealed once its events carry this many block hashes (67 bytes of JSON each, 64 GiB of
 #: files): about 4 MiB, far below the interface's body limit, however big the files in it.
 MAX_BATCH_BLOCKS = 64 * 1024
 

@@ -249,11 +249,12 @@ BIG = 256 * 2**20
 MiB = 2**20
 
 
-async def timed_change(mirror: Mirror, change: Callable[[], str], rel: str) -> tuple[float, list[int]]:
-    """Run ``change`` (it returns the file's new digest); the time to converge and the bytes each slave received."""
+async def timed_change(mirror: Mirror, change: Callable[[], None], rel: str) -> tuple[float, list[int]]:
+    """Run ``change``; the time from its end until every slave has the file, and the bytes each slave received."""
     before = mirror.received()
+    await asyncio.to_thread(change)
     closed = time.time()
-    want = await asyncio.to_thread(change)
+    want = await asyncio.to_thread(digest, mirror.master / rel)
     done = await wait_identical(mirror.targets, {rel: want})
     await asyncio.sleep(1.0)  # nginx logs a request once answered, rsync a file once transferred
     return done - closed, [a - b for a, b in zip(mirror.received(), before)]
@@ -267,30 +268,26 @@ def _write_big(path: Path) -> str:
     return digest(path)
 
 
-def _overwrite_middle(path: Path) -> str:
+def _overwrite_middle(path: Path) -> None:
     with open(path, "r+b") as f:
         f.seek(BIG // 2)
         f.write(os.urandom(MiB))
-    return digest(path)
 
 
-def _append(path: Path) -> str:
+def _append(path: Path) -> None:
     with open(path, "ab") as f:
         f.write(os.urandom(MiB))
-    return digest(path)
 
 
-def _copy(src: Path, dst: Path) -> str:
+def _copy(src: Path, dst: Path) -> None:
     subprocess.run(["cp", str(src), str(dst)], check=True)
-    return digest(dst)
 
 
-def _sparse(path: Path) -> str:
+def _sparse(path: Path) -> None:
     with open(path, "wb") as f:
         f.truncate(BIG)
         f.seek(100 * MiB)
         f.write(os.urandom(MiB))
-    return digest(path)
 
 
 async def w6_to_w9(mirror: Mirror) -> dict[str, tuple[float, list[int]]]:

@@ -37,7 +37,7 @@ HASH_CHUNK = 1024 * 1024
 ZERO_BLOCK = hashlib.sha256(bytes(BLOCK_SIZE)).hexdigest()
 #: A file of at least this many blocks is hashed by several threads at once.
 PARALLEL_BLOCKS = 16
-_HASH_THREADS = max(1, min(4, os.cpu_count() or 1))
+HASH_THREADS = max(1, min(4, os.cpu_count() or 1))
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
@@ -88,11 +88,11 @@ def hash_blocks(fd: int, size: int, first: int, last: int, abort: threading.Even
     return out
 
 
-def _hash_pool() -> ThreadPoolExecutor:
+def hash_pool() -> ThreadPoolExecutor:
     global _pool
     with _pool_lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=_HASH_THREADS, thread_name_prefix="dlopbox-blocks")
+            _pool = ThreadPoolExecutor(max_workers=HASH_THREADS, thread_name_prefix="dlopbox-blocks")
         return _pool
 
 
@@ -107,11 +107,11 @@ def content_digest(fd: int, size: int, abort: threading.Event | None = None) -> 
     if count <= 1:
         hashes = hash_blocks(fd, size, 0, count, abort) if size else []
         return (hashes[0] if hashes else hashlib.sha256(b"").hexdigest()), None
-    if count < PARALLEL_BLOCKS or _HASH_THREADS == 1:
+    if count < PARALLEL_BLOCKS or HASH_THREADS == 1:
         hashes = hash_blocks(fd, size, 0, count, abort)
     else:
-        step = -(-count // _HASH_THREADS)
-        parts = [_hash_pool().submit(hash_blocks, fd, size, start, min(count, start + step), abort)
+        step = -(-count // HASH_THREADS)
+        parts = [hash_pool().submit(hash_blocks, fd, size, start, min(count, start + step), abort)
                  for start in range(0, count, step)]
         hashes = [h for part in parts for h in part.result()]
     blocks = Blocks(BLOCK_SCHEME, tuple(hashes))

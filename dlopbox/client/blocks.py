@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ..events import BLOCK_SIZE, Blocks
-from ..tree import next_data, zero_digest
+from ..tree import HASH_THREADS, PARALLEL_BLOCKS, hash_pool, next_data, zero_digest
 from .state import STATE_DIR
 
 log = logging.getLogger(__name__)
@@ -174,24 +174,31 @@ def assemble_local(fd: int, rel: str, current: Path | None, size: int, blocks: B
     holes, left unwritten), None where the block must still be fetched. Returns how many blocks
     came from where. Blocking: run it in a thread.
     """
-    sources = LocalSources(index.target if index is not None else directory)
     counts = {"hole": 0, "same file": 0, "other file": 0}
+    count = len(blocks.hashes)
+    # First the holes and the blocks of the current copy at the same offset: most of an edit or an
+    # append, in several threads for a big file (each reads, verifies and writes its own blocks).
+    if count < PARALLEL_BLOCKS or HASH_THREADS == 1:
+        parts = [_same_offset(fd, current, size, blocks, 0, count, written)]
+    else:
+        step = -(-count // HASH_THREADS)
+        futures = [hash_pool().submit(_same_offset, fd, current, size, blocks, start, min(count, start + step), written)
+                   for start in range(0, count, step)]
+        parts = [f.result() for f in futures]
+    for part in parts:
+        for kind, n in part.items():
+            counts[kind] += n
+    if all(h is not None for h in written):
+        return counts
+    # Then any other local file, and blocks repeated within this one.
+    sources = LocalSources(index.target if index is not None else directory)
     try:
-        old = sources.open(rel, current) if current is not None else None
-        first_at: dict[str, int] = {}
+        first_at = {h: i for i, h in reversed(list(enumerate(written))) if h is not None}
         for i, expected in enumerate(blocks.hashes):
-            length = blocks.size_of(i, size)
-            if expected == zero_digest(length):
-                written[i] = expected
-                counts["hole"] += 1
+            if written[i] is not None:
                 continue
-            data = None
-            if old is not None:
-                data = sources.read(old, i, length, expected)
-                if data is not None:
-                    counts["same file"] += 1
-            if data is None and expected in first_at:
-                data = sources.read(fd, first_at[expected], length, expected)  # repeated in this very file
+            length = blocks.size_of(i, size)
+            data = sources.read(fd, first_at[expected], length, expected) if expected in first_at else None
             if data is None and index is not None:
                 for path, idx in index.find(expected):
                     source = sources.open(path)
@@ -202,6 +209,27 @@ def assemble_local(fd: int, rel: str, current: Path | None, size: int, blocks: B
                 os.pwrite(fd, data, i * BLOCK_SIZE)
                 written[i] = expected
                 first_at.setdefault(expected, i)
+    finally:
+        sources.close()
+    return counts
+
+
+def _same_offset(fd: int, current: Path | None, size: int, blocks: Blocks, first: int, end: int,
+                 written: list[str | None]) -> dict[str, int]:
+    counts = {"hole": 0, "same file": 0}
+    sources = LocalSources(current.parent if current is not None else Path("."))
+    try:
+        old = sources.open(current.name, current) if current is not None else None
+        for i in range(first, end):
+            expected = blocks.hashes[i]
+            length = blocks.size_of(i, size)
+            if expected == zero_digest(length):
+                written[i] = expected
+                counts["hole"] += 1
+            elif old is not None and (data := sources.read(old, i, length, expected)) is not None:
+                os.pwrite(fd, data, i * BLOCK_SIZE)
+                written[i] = expected
+                counts["same file"] += 1
     finally:
         sources.close()
     return counts

@@ -185,7 +185,7 @@ class Downloader:
         if etag is not None:
             headers["If-Match"] = etag
         loop = asyncio.get_running_loop()
-        busy: asyncio.Future[None] | None = None
+        busy: list[asyncio.Future[None]] = []
         try:
             async with self.session.get(self.url(source), headers=headers, timeout=_TIMEOUT,
                                         read_bufsize=READ_BUFFER) as response:
@@ -210,28 +210,28 @@ class Downloader:
                         pending_size += take
                         view = view[take:]
                         if pending_size == need:
-                            # Verified and written in a thread while the next block arrives.
-                            if busy is not None:
-                                await busy
-                            busy = loop.run_in_executor(None, sink.put_block, index, pending, blocks.hashes[index],
-                                                        written)
+                            # One thread hashes block N, another writes it, while block N+1 arrives.
+                            for future in busy:
+                                await future
+                            busy = [loop.run_in_executor(None, sink.check_block, index, pending, blocks.hashes[index],
+                                                         written),
+                                    loop.run_in_executor(None, sink.write_block, index, pending)]
                             self.counters.blocks["fetched"] += 1
                             index, pending, pending_size = index + 1, [], 0
                             need = blocks.size_of(index, version.size) if index < end else 0
-                if busy is not None:
-                    await busy
-                    busy = None
+                for future in busy:
+                    await future
                 if index != end:
                     raise StaleContent(f"a short answer: {index - first} of {end - first} blocks")
                 return response.headers.get("ETag", etag)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise TransferError(f"{source!r}: {type(exc).__name__}: {exc}") from exc
         finally:
-            if busy is not None:
-                if not busy.done():
-                    await asyncio.wait([busy])  # its thread still writes into the temp file
-                if not busy.cancelled():
-                    busy.exception()  # seen: what is raised here is the earlier error
+            if any(not future.done() for future in busy):
+                await asyncio.wait(busy)  # a thread still uses the temp file
+            for future in busy:
+                if not future.cancelled():
+                    future.exception()  # seen: what is raised here is the first error
 
     async def _download(self, source: str, final: Path, version: FileVersion) -> None:
         try:
@@ -460,17 +460,19 @@ class _BlockFile(_TempFile):
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         self.created = True
 
-    def put_block(self, index: int, pieces: list[memoryview], expected: str, written: list[str | None]) -> None:
-        assert self.fd is not None
+    def check_block(self, index: int, pieces: list[memoryview], expected: str, written: list[str | None]) -> None:
         sha = hashlib.sha256()
         for piece in pieces:
             sha.update(piece)
         if sha.hexdigest() != expected:
             raise StaleContent(f"block {index} does not match its hash")
+        written[index] = expected  # only now: a block written but not verified is never used
+
+    def write_block(self, index: int, pieces: list[memoryview]) -> None:
+        assert self.fd is not None
         offset = index * BLOCK_SIZE
         for piece in pieces:
             offset += os.pwrite(self.fd, piece, offset)
-        written[index] = expected
         self.size += offset - index * BLOCK_SIZE
         if self.size - self.written_back >= WRITEBACK_BYTES:
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)  # starts writeback of what is dirty

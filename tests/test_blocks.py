@@ -8,6 +8,7 @@ import os
 import threading
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from dlopbox.client.blocks import BlockIndex, missing_runs
@@ -36,6 +37,15 @@ from dlopbox.tree import (
     hash_blocks,
 )
 from dlopbox.watch.disk import hash_file
+from tests.support.interface_harness import (
+    READ,
+    bound_queues,
+    ndjson,
+    numbered_events,
+    post_batch,
+    running,
+    settings_for,
+)
 
 pytestmark = pytest.mark.timeout(60)
 MiB = BLOCK_SIZE
@@ -156,3 +166,26 @@ def test_missing_blocks_are_coalesced_into_runs():
     assert missing_runs(["h", None, None, "h", None, "h", None]) == [(1, 3), (4, 5), (6, 7)]
     assert missing_runs([None] * 4) == [(0, 4)]
     assert missing_runs(["h"]) == []
+
+
+@pytest.mark.usefixtures("clean_journal")
+async def test_block_lists_reach_the_log_the_queues_the_events_api_and_the_manifest(rabbit, mongo, mongo_db,
+                                                                                     client_queues):
+    hashes = tuple(hashlib.sha256(str(i).encode()).hexdigest() for i in range(300))  # a 300 MiB file
+    big = Event(Op.WRITE, "big.bin", size=300 * MiB - 7, mtime_ns=1, mode=0o644, digest=blocks_digest(hashes),
+                blocks=Blocks(BLOCK_SCHEME, hashes))
+    moved = Event(Op.MOVE, "big.bin", dest="moved.bin", size=big.size, mtime_ns=1, mode=0o644, digest=big.digest,
+                  blocks=big.blocks)
+    small = Event(Op.WRITE, "small.txt", size=1, mtime_ns=1, mode=0o644, digest=hashlib.sha256(b"x").hexdigest())
+    async with bound_queues(rabbit, client_queues) as queues, running(settings_for(rabbit, mongo, mongo_db)) as svc, \
+            aiohttp.ClientSession() as http:
+        status, reply = await post_batch(http, svc.url, [big, small, moved])
+        assert status == 200 and reply["logged"], reply
+        messages = await queues.take(queues.names[0], 1)
+        assert [e.blocks for e in numbered_events(messages)] == [big.blocks, None, big.blocks]
+        async with http.get(svc.url + "/events?since=0", headers=READ) as r:
+            assert [Event.from_dict(e).blocks for e in (await r.json())["events"]] == [big.blocks, None, big.blocks]
+        async with http.get(svc.url + "/manifest", headers=READ) as r:
+            entries = {e.path: e for e in (Entry.from_dict(row) for row in ndjson(await r.read())[1:])}
+        assert entries["moved.bin"].blocks == big.blocks and entries["moved.bin"].digest == big.digest
+        assert entries["small.txt"].blocks is None and "big.bin" not in entries

@@ -22,7 +22,8 @@ from dlopbox.client.download import Downloader, FileVersion, StaleContent
 from dlopbox.events import BLOCK_SIZE, Event, Op
 from dlopbox.paths import url_path
 from dlopbox.tree import file_version
-from tests.support.client_harness import leftovers
+from tests.support.client_harness import client_settings, leftovers, running, wait_equal
+from tests.support.polling import eventually
 
 pytestmark = pytest.mark.timeout(120)
 MiB = BLOCK_SIZE
@@ -206,3 +207,27 @@ async def test_a_block_that_does_not_match_is_stale(downloader, shared_dir, slav
         await downloader.install("f.bin", slave / "f.bin", promised)
     assert not (slave / "f.bin").exists()
     assert not leftovers(slave)
+
+
+async def test_the_client_service_builds_a_copy_from_local_blocks_without_nginx(
+        upstream, rabbit, nginx, shared_dir, client_queues, tmp_path):
+    """End to end through RabbitMQ and the real client: the copy's bytes exist nowhere nginx could serve them."""
+    m = upstream
+    target = tmp_path / "client"
+    settings = client_settings(rabbit, nginx, shared_dir, m.interface.url, m.interface.token, client_queues[0], target)
+    data = bytearray(random_blocks(12, 999))
+    await m.publish(m.mkdir("d"), m.write("d/orig.bin", bytes(data)))
+    async with running(settings):
+        await wait_equal(shared_dir, target)
+        await m.publish(m.move("d", "e"))
+        await wait_equal(shared_dir, target)
+        copy = m.write("copy.bin", bytes(data))
+        os.unlink(shared_dir / "copy.bin")  # nginx answers 404 for it from now on
+        await m.publish(copy)
+        await eventually(lambda: (target / "copy.bin").exists() and (target / "copy.bin").read_bytes() == data,
+                         30, "the copy assembled from e/orig.bin")
+        await m.publish(Event(Op.DELETE, "copy.bin"))
+        data[5 * MiB:5 * MiB + 3] = b"new"
+        await m.publish(m.write("e/orig.bin", bytes(data)))
+        await wait_equal(shared_dir, target)
+        assert not leftovers(target, state_too=False)

@@ -60,8 +60,10 @@ def next_data(fd: int, offset: int, size: int) -> int:
         raise
 
 
-def hash_blocks(fd: int, size: int, first: int, last: int, abort: threading.Event | None = None) -> list[str]:
-    """SHA-256 of blocks ``first``..``last - 1`` of the open file; a block lying in a hole is not read."""
+def hash_blocks(fd: int, size: int, first: int, last: int, abort: threading.Event | None = None,
+                holes: bool = True) -> list[str]:
+    """SHA-256 of blocks ``first``..``last - 1`` of the open file; a block lying in a hole is not read
+    (unless ``holes`` is False: a file of one block is read at once, without asking where its data is)."""
     out: list[str] = []
     buffer = bytearray(BLOCK_SIZE)
     data_at = -1
@@ -70,7 +72,9 @@ def hash_blocks(fd: int, size: int, first: int, last: int, abort: threading.Even
             raise Changed("aborted")
         offset = index * BLOCK_SIZE
         length = min(BLOCK_SIZE, size - offset)
-        if data_at < offset:
+        if not holes:
+            data_at = offset
+        elif data_at < offset:
             data_at = next_data(fd, offset, size)
         if data_at >= offset + length:
             if os.fstat(fd).st_size < offset + length:
@@ -105,7 +109,7 @@ def content_digest(fd: int, size: int, abort: threading.Event | None = None) -> 
     """
     count = block_count(size)
     if count <= 1:
-        hashes = hash_blocks(fd, size, 0, count, abort) if size else []
+        hashes = hash_blocks(fd, size, 0, count, abort, holes=False) if size else []
         return (hashes[0] if hashes else hashlib.sha256(b"").hexdigest()), None
     if count < PARALLEL_BLOCKS or HASH_THREADS == 1:
         hashes = hash_blocks(fd, size, 0, count, abort)

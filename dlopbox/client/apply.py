@@ -153,14 +153,15 @@ class Applier:
     async def _moved(self, src: str, dest: str, is_dir: bool) -> None:
         """The block index follows a local rename: the moved file's blocks still serve other files."""
         index = self.downloader.index
-        if index is not None and (src in index.paths or dest in index.paths or is_dir):
+        if index is not None and index.paths and (src in index.paths or dest in index.paths or is_dir):
             await asyncio.to_thread(index.move, src, dest, is_dir)
 
     async def remove(self, event: Event) -> Outcome:
         final = resolve(self.target, event.path)
         st = lstat_or_none(final)
         index = self.downloader.index
-        if index is not None and (event.path in index.paths or event.is_dir or index.partial_path(event.path)[0] in index.paths):
+        if index is not None and index.paths and (event.path in index.paths or event.is_dir
+                                                  or index.partial_path(event.path)[0] in index.paths):
             await asyncio.to_thread(_forget, index, event.path, event.is_dir)
         if st is None:
             return Outcome.APPLIED

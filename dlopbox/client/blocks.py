@@ -166,40 +166,53 @@ class LocalSources:
         return view if hashlib.sha256(view).hexdigest() == expected else None
 
 
-def assemble_local(fd: int, rel: str, current: Path | None, size: int, blocks: Blocks, index: BlockIndex | None,
+def assemble_local(fd: int, current: Path | None, size: int, blocks: Blocks, index: BlockIndex | None,
                    directory: Path, written: list[str | None]) -> dict[str, int]:
     """Write into ``fd`` every block of the new version found locally; fill ``written`` with what it holds.
 
     ``written[i]`` becomes the hash of block ``i`` as it now stands in ``fd`` (zero blocks are
     holes, left unwritten), None where the block must still be fetched. Returns how many blocks
-    came from where. Blocking: run it in a thread.
+    came from where. Blocking: run it in a thread; a big file is split between several threads,
+    each reading, verifying and writing its own blocks.
     """
-    counts = {"hole": 0, "same file": 0, "other file": 0}
     count = len(blocks.hashes)
-    # First the holes and the blocks of the current copy at the same offset: most of an edit or an
-    # append, in several threads for a big file (each reads, verifies and writes its own blocks).
+    target = index.target if index is not None else directory
     if count < PARALLEL_BLOCKS or HASH_THREADS == 1:
-        parts = [_same_offset(fd, current, size, blocks, 0, count, written)]
+        parts = [_local_blocks(fd, current, size, blocks, 0, count, index, target, written)]
     else:
         step = -(-count // HASH_THREADS)
-        futures = [hash_pool().submit(_same_offset, fd, current, size, blocks, start, min(count, start + step), written)
+        futures = [hash_pool().submit(_local_blocks, fd, current, size, blocks, start, min(count, start + step),
+                                      index, target, written)
                    for start in range(0, count, step)]
         parts = [f.result() for f in futures]
+    counts = {"hole": 0, "same file": 0, "other file": 0}
     for part in parts:
         for kind, n in part.items():
             counts[kind] += n
-    if all(h is not None for h in written):
-        return counts
-    # Then any other local file, and blocks repeated within this one.
-    sources = LocalSources(index.target if index is not None else directory)
+    if any(h is None for h in written):
+        _repeated_blocks(fd, size, blocks, written)
+    return counts
+
+
+def _local_blocks(fd: int, current: Path | None, size: int, blocks: Blocks, first: int, end: int,
+                  index: BlockIndex | None, target: Path, written: list[str | None]) -> dict[str, int]:
+    """Blocks ``first``..``end - 1``: a hole, else the current copy's block at the same offset, else any
+    indexed local block with that hash."""
+    counts = {"hole": 0, "same file": 0, "other file": 0}
+    sources = LocalSources(target)
     try:
-        first_at = {h: i for i, h in reversed(list(enumerate(written))) if h is not None}
-        for i, expected in enumerate(blocks.hashes):
-            if written[i] is not None:
-                continue
+        old = sources.open("", current) if current is not None else None
+        for i in range(first, end):
+            expected = blocks.hashes[i]
             length = blocks.size_of(i, size)
-            data = sources.read(fd, first_at[expected], length, expected) if expected in first_at else None
-            if data is None and index is not None:
+            if expected == zero_digest(length):
+                written[i] = expected
+                counts["hole"] += 1
+                continue
+            data = sources.read(old, i, length, expected) if old is not None else None
+            if data is not None:
+                counts["same file"] += 1
+            elif index is not None:
                 for path, idx in index.find(expected):
                     source = sources.open(path)
                     if source is not None and (data := sources.read(source, idx, length, expected)) is not None:
@@ -208,31 +221,24 @@ def assemble_local(fd: int, rel: str, current: Path | None, size: int, blocks: B
             if data is not None:
                 os.pwrite(fd, data, i * BLOCK_SIZE)
                 written[i] = expected
-                first_at.setdefault(expected, i)
     finally:
         sources.close()
     return counts
 
 
-def _same_offset(fd: int, current: Path | None, size: int, blocks: Blocks, first: int, end: int,
-                 written: list[str | None]) -> dict[str, int]:
-    counts = {"hole": 0, "same file": 0}
-    sources = LocalSources(current.parent if current is not None else Path("."))
+def _repeated_blocks(fd: int, size: int, blocks: Blocks, written: list[str | None]) -> None:
+    """A block still missing whose hash is already in this file (written at another offset) is copied from there."""
+    first_at = {h: i for i, h in reversed(list(enumerate(written))) if h is not None}
+    sources = LocalSources(Path("."))
     try:
-        old = sources.open(current.name, current) if current is not None else None
-        for i in range(first, end):
-            expected = blocks.hashes[i]
-            length = blocks.size_of(i, size)
-            if expected == zero_digest(length):
-                written[i] = expected
-                counts["hole"] += 1
-            elif old is not None and (data := sources.read(old, i, length, expected)) is not None:
-                os.pwrite(fd, data, i * BLOCK_SIZE)
-                written[i] = expected
-                counts["same file"] += 1
+        for i, expected in enumerate(blocks.hashes):
+            if written[i] is None and expected in first_at:
+                data = sources.read(fd, first_at[expected], blocks.size_of(i, size), expected)
+                if data is not None:
+                    os.pwrite(fd, data, i * BLOCK_SIZE)
+                    written[i] = expected
     finally:
         sources.close()
-    return counts
 
 
 def missing_runs(written: list[str | None]) -> list[tuple[int, int]]:

@@ -125,7 +125,7 @@ class Downloader:
                     except TransferError as exc:
                         log.warning("%s; retrying in %.1fs", exc, backoff.delay)
                         await backoff.wait()
-        if version.blocks is None and self.index is not None and self._rel(final) in self.index.paths:
+        if version.blocks is None and self.index is not None and self.index.paths and self._rel(final) in self.index.paths:
             await asyncio.to_thread(self.index.remove, self._rel(final))
         self.counters.files += 1
 
@@ -166,8 +166,7 @@ class Downloader:
         assert sink.fd is not None
         st = lstat_or_none(final)
         current = final if st is not None and stat.S_ISREG(st.st_mode) else None
-        rel = self._rel(final) if self.index is not None else final.name
-        counts = assemble_local(sink.fd, rel, current, version.size, version.blocks, self.index, final.parent, written)
+        counts = assemble_local(sink.fd, current, version.size, version.blocks, self.index, final.parent, written)
         for kind, n in counts.items():
             self.counters.blocks[kind] += n
 

@@ -469,12 +469,14 @@ class _BlockFile(_TempFile):
 
     def write_block(self, index: int, pieces: list[memoryview]) -> None:
         assert self.fd is not None
-        offset = index * BLOCK_SIZE
+        start = offset = index * BLOCK_SIZE
         for piece in pieces:
             offset += os.pwrite(self.fd, piece, offset)
-        self.size += offset - index * BLOCK_SIZE
+        self.size += offset - start
         if self.size - self.written_back >= WRITEBACK_BYTES:
-            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)  # starts writeback of what is dirty
+            # A run's blocks arrive in order: the bytes since the last writeback end here.
+            span = self.size - self.written_back
+            os.posix_fadvise(self.fd, max(0, offset - span), span, os.POSIX_FADV_DONTNEED)
             self.written_back = self.size
 
     def seal(self, version: FileVersion, written: list[str | None], index: BlockIndex | None) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
 import json
 import math
 import re
@@ -23,6 +24,11 @@ DIGEST_ALGORITHM = "sha256"
 _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 _BATCH_ID_RE = re.compile(r"[0-9A-Za-z_.:-]{1,128}")
 MAX_MODE = 0o7777
+#: Every file longer than one block is described by the SHA-256 of each of its blocks: one size for the
+#: whole deployment, so any local file can lend its blocks to any other.
+BLOCK_SIZE = 1024 * 1024
+#: The only block scheme yet: fixed-size blocks (content-defined chunking would be another name).
+BLOCK_SCHEME = "fixed-1MiB"
 #: Integers are stored in MongoDB as 64-bit: anything wider is refused here, not at the log write.
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
@@ -80,6 +86,72 @@ def _check_path(name: str, value: object) -> None:
         raise EventError(name, str(exc)) from None
 
 
+def blocks_digest(hashes: tuple[str, ...]) -> str:
+    """A multi-block file's digest: the SHA-256 of its raw block hashes (Dropbox's construction).
+
+    It costs no second pass over the content, and a client that verified every block has
+    verified the whole file.
+    """
+    return hashlib.sha256(b"".join(bytes.fromhex(h) for h in hashes)).hexdigest()
+
+
+def block_count(size: int) -> int:
+    return -(-size // BLOCK_SIZE)
+
+
+@dataclass(frozen=True, slots=True)
+class Blocks:
+    """A file's content as its blocks, in order (only for files longer than one block)."""
+
+    scheme: str
+    hashes: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if self.scheme != BLOCK_SCHEME:
+            raise EventError("blocks.scheme", f"unknown block scheme {self.scheme!r}; expected {BLOCK_SCHEME!r}")
+        if not isinstance(self.hashes, tuple):
+            if not isinstance(self.hashes, list):
+                raise EventError("blocks.hashes", "must be a JSON array")
+            object.__setattr__(self, "hashes", tuple(self.hashes))
+        if len(self.hashes) < 2:
+            raise EventError("blocks.hashes", "a file of one block is described by its digest alone")
+        for h in self.hashes:
+            if not isinstance(h, str) or not _DIGEST_RE.fullmatch(h):
+                raise EventError("blocks.hashes", f"each must be 64 lowercase hex characters ({DIGEST_ALGORITHM})")
+
+    def size_of(self, index: int, file_size: int) -> int:
+        return min(BLOCK_SIZE, file_size - index * BLOCK_SIZE)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scheme": self.scheme, "hashes": list(self.hashes)}
+
+    @classmethod
+    def from_value(cls, value: object) -> Blocks:
+        if isinstance(value, Blocks):
+            return value
+        if not isinstance(value, Mapping):
+            raise EventError("blocks", f"must be a JSON object, not {type(value).__name__}")
+        unknown = set(value) - {"scheme", "hashes"}
+        if unknown:
+            raise EventError(f"blocks.{sorted(unknown)[0]}", "unknown field")
+        for name in ("scheme", "hashes"):
+            if name not in value:
+                raise EventError(f"blocks.{name}", "is missing")
+        return cls(value["scheme"], value["hashes"])
+
+
+def _check_blocks(owner: Any) -> None:
+    """``owner.blocks`` (an Event or an Entry) must describe exactly ``owner.size`` bytes hashing to its digest."""
+    object.__setattr__(owner, "blocks", Blocks.from_value(owner.blocks))
+    if owner.is_dir or owner.size is None or owner.digest is None:
+        raise EventError("blocks", "only a file with a size and a digest has blocks")
+    if len(owner.blocks.hashes) != block_count(owner.size):
+        raise EventError("blocks", f"{len(owner.blocks.hashes)} blocks do not make {owner.size} bytes "
+                                   f"({BLOCK_SIZE}-byte blocks)")
+    if blocks_digest(owner.blocks.hashes) != owner.digest:
+        raise EventError("digest", "must be the SHA-256 of the block hashes")
+
+
 # Which optional fields each op must carry; the rest may be null.
 _REQUIRED: dict[Op, tuple[str, ...]] = {
     Op.WRITE: ("size", "mtime_ns", "mode", "digest"),
@@ -105,6 +177,8 @@ class Event:
     digest: str | None = None
     seq: int | None = None
     ts: float = field(default_factory=time.time)
+    #: Only for a file longer than one block; its digest is then :func:`blocks_digest` of them.
+    blocks: Blocks | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.op, Op):
@@ -139,6 +213,10 @@ class Event:
                 raise EventError("digest", "directories have no digest")
             if not isinstance(self.digest, str) or not _DIGEST_RE.fullmatch(self.digest):
                 raise EventError("digest", f"must be 64 lowercase hex characters ({DIGEST_ALGORITHM})")
+        if self.blocks is not None:
+            if self.op not in (Op.WRITE, Op.MOVE):
+                raise EventError("blocks", f"is only allowed on a write or a move, not on a {self.op} event")
+            _check_blocks(self)
         if self.seq is not None:
             _check_int("seq", self.seq, minimum=1, maximum=INT64_MAX)
         if isinstance(self.ts, bool) or not isinstance(self.ts, (int, float)) or not 0 <= self.ts < math.inf:
@@ -171,6 +249,8 @@ class Event:
         if self.is_dir:
             out["is_dir"] = True
         out["ts"] = self.ts
+        if self.blocks is not None:
+            out["blocks"] = self.blocks.to_dict()
         return out
 
     @classmethod
@@ -289,12 +369,18 @@ class Entry:
     mode: int | None = None
     digest: str | None = None
     seq: int | None = None
+    blocks: Blocks | None = None
 
     def __post_init__(self) -> None:
         _check_path("path", self.path)
+        if self.blocks is not None:
+            _check_blocks(self)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+        if self.blocks is not None:
+            out["blocks"] = self.blocks.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, data: object) -> Entry:

@@ -8,26 +8,133 @@ into any other with the fewest plain events.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fnmatch
 import hashlib
 import os
 import re
 import stat
+import threading
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from .events import Entry, Event, Op
+from .events import (
+    BLOCK_SCHEME,
+    BLOCK_SIZE,
+    Blocks,
+    Entry,
+    Event,
+    Op,
+    block_count,
+    blocks_digest,
+)
 from .paths import UnsafePathError, ancestors, check_relpath, is_reserved, parent_of
 
 HASH_CHUNK = 1024 * 1024
+#: The SHA-256 of an all-zero block: such a block is a hole, never read nor sent.
+ZERO_BLOCK = hashlib.sha256(bytes(BLOCK_SIZE)).hexdigest()
+#: A file of at least this many blocks is hashed by several threads at once.
+PARALLEL_BLOCKS = 16
+HASH_THREADS = max(1, min(4, os.cpu_count() or 1))
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+class Changed(Exception):
+    """The file got shorter while it was read: its event follows."""
+
+
+def zero_digest(length: int) -> str:
+    return ZERO_BLOCK if length == BLOCK_SIZE else hashlib.sha256(bytes(length)).hexdigest()
+
+
+def next_data(fd: int, offset: int, size: int) -> int:
+    """Where the next byte of data lies from ``offset`` (``size`` past the last): holes are skipped unread."""
+    try:
+        return os.lseek(fd, offset, os.SEEK_DATA)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:
+            return size
+        raise
+
+
+def hash_blocks(fd: int, size: int, first: int, last: int, abort: threading.Event | None = None,
+                holes: bool = True) -> list[str]:
+    """SHA-256 of blocks ``first``..``last - 1`` of the open file; a block lying in a hole is not read
+    (unless ``holes`` is False: a file of one block is read at once, without asking where its data is)."""
+    out: list[str] = []
+    buffer = bytearray(BLOCK_SIZE)
+    data_at = -1
+    for index in range(first, last):
+        if abort is not None and abort.is_set():
+            raise Changed("aborted")
+        offset = index * BLOCK_SIZE
+        length = min(BLOCK_SIZE, size - offset)
+        if not holes:
+            data_at = offset
+        elif data_at < offset:
+            data_at = next_data(fd, offset, size)
+        if data_at >= offset + length:
+            if os.fstat(fd).st_size < offset + length:
+                raise Changed(f"{size} bytes expected, {os.fstat(fd).st_size} found")
+            out.append(zero_digest(length))
+            continue
+        view = memoryview(buffer)[:length]
+        got = 0
+        while got < length:
+            n = os.preadv(fd, [view[got:]], offset + got)
+            if n == 0:
+                raise Changed(f"{size} bytes expected, {offset + got} found")
+            got += n
+        out.append(hashlib.sha256(view).hexdigest())
+    return out
+
+
+def hash_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=HASH_THREADS, thread_name_prefix="dlopbox-blocks")
+        return _pool
+
+
+def content_digest(fd: int, size: int, abort: threading.Event | None = None) -> tuple[str, Blocks | None]:
+    """The digest of ``size`` bytes of the open file, and its blocks if it has more than one.
+
+    A file of one block is hashed whole, as it always was; a longer one block by block (several
+    threads for a big one), its digest the SHA-256 of the block hashes. Raises :class:`Changed`
+    when the file turns out shorter than ``size`` (blocking: call it from a thread).
+    """
+    count = block_count(size)
+    if count <= 1:
+        hashes = hash_blocks(fd, size, 0, count, abort, holes=False) if size else []
+        return (hashes[0] if hashes else hashlib.sha256(b"").hexdigest()), None
+    if count < PARALLEL_BLOCKS or HASH_THREADS == 1:
+        hashes = hash_blocks(fd, size, 0, count, abort)
+    else:
+        step = -(-count // HASH_THREADS)
+        parts = [hash_pool().submit(hash_blocks, fd, size, start, min(count, start + step), abort)
+                 for start in range(0, count, step)]
+        hashes = [h for part in parts for h in part.result()]
+    blocks = Blocks(BLOCK_SCHEME, tuple(hashes))
+    return blocks_digest(blocks.hashes), blocks
+
+
+def file_version(path: str | os.PathLike[str]) -> tuple[str, Blocks | None]:
+    """:func:`content_digest` of the file at ``path`` as it is (blocking: call it from a thread)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        return content_digest(fd, size)
+    finally:
+        os.close(fd)
 
 
 def file_digest(path: str | os.PathLike[str]) -> str:
-    """SHA-256 of a file, streamed in 1 MiB reads (blocking: call it from a thread)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    """The digest a write event would give the file at ``path`` (blocking: call it from a thread)."""
+    return file_version(path)[0]
 
 
 class Ignore:
@@ -46,12 +153,13 @@ class Ignore:
         return any(self(part) for part in path.split("/"))
 
 
-def entry_from_stat(path: str, st: os.stat_result, digest: str | None = None, seq: int | None = None) -> Entry:
+def entry_from_stat(path: str, st: os.stat_result, digest: str | None = None, seq: int | None = None,
+                    blocks: Blocks | None = None) -> Entry:
     if stat.S_ISDIR(st.st_mode):
         # Directory mtimes change with every entry inside; only their mode is mirrored.
         return Entry(path, is_dir=True, mode=stat.S_IMODE(st.st_mode), seq=seq)
     return Entry(path, is_dir=False, size=st.st_size, mtime_ns=st.st_mtime_ns, mode=stat.S_IMODE(st.st_mode),
-                 digest=digest, seq=seq)
+                 digest=digest, seq=seq, blocks=blocks if digest is not None else None)
 
 
 class Entries(dict[str, Entry]):
@@ -158,7 +266,8 @@ class Tree:
         path = event.path
         match event.op:
             case Op.WRITE:
-                self.entries[path] = Entry(path, False, event.size, event.mtime_ns, event.mode, event.digest, event.seq)
+                self.entries[path] = Entry(path, False, event.size, event.mtime_ns, event.mode, event.digest, event.seq,
+                                           event.blocks)
             case Op.MKDIR:
                 self.entries[path] = Entry(path, True, mode=event.mode, seq=event.seq)
             case Op.ATTRIB:
@@ -223,17 +332,25 @@ def scan(root: str | os.PathLike[str], ignore: Ignore | None = None, previous: T
                     tree.entries[rel] = entry_from_stat(rel, st)
                     stack.append(rel)
                 elif stat.S_ISREG(st.st_mode):
-                    digest = None
+                    digest, blocks = None, None
                     known = previous.get(rel) if previous is not None else None
                     if known is not None and not known.is_dir and known.size == st.st_size and known.mtime_ns == st.st_mtime_ns:
-                        digest = known.digest
+                        digest, blocks = known.digest, known.blocks
                     if digest is None and hash_files:
                         try:
-                            digest = file_digest(item.path)
-                        except (FileNotFoundError, PermissionError, OSError):
+                            digest, blocks = _scanned_version(item.path, st)
+                        except (FileNotFoundError, PermissionError, OSError, Changed):
                             continue
-                    tree.entries[rel] = entry_from_stat(rel, st, digest)
+                    tree.entries[rel] = entry_from_stat(rel, st, digest, blocks=blocks)
     return tree
+
+
+def _scanned_version(path: str, st: os.stat_result) -> tuple[str, Blocks | None]:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        return content_digest(fd, st.st_size)
+    finally:
+        os.close(fd)
 
 
 def diff(old: Tree, new: Tree) -> list[Event]:
@@ -270,7 +387,7 @@ def diff(old: Tree, new: Tree) -> list[Event]:
             continue
         if before is None or _content_differs(before, after):
             events.append(Event(Op.WRITE, after.path, size=after.size, mtime_ns=after.mtime_ns, mode=after.mode,
-                                digest=after.digest))
+                                digest=after.digest, blocks=after.blocks))
         elif before.mode != after.mode or before.mtime_ns != after.mtime_ns:
             events.append(Event(Op.ATTRIB, after.path, mode=after.mode, mtime_ns=after.mtime_ns))
     return events

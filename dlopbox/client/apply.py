@@ -21,6 +21,7 @@ from pathlib import Path
 from ..errors import lstat_or_none
 from ..events import Event, Op
 from ..paths import resolve
+from .blocks import BlockIndex
 from .download import Downloader, FileVersion, StaleContent
 from .fate import FateFinder
 
@@ -84,7 +85,7 @@ class Applier:
         assert event.size is not None and event.digest is not None and event.mode is not None
         assert event.mtime_ns is not None
         final = resolve(self.target, event.path)
-        version = FileVersion(event.size, event.digest, event.mode, event.mtime_ns)
+        version = FileVersion(event.size, event.digest, event.mode, event.mtime_ns, event.blocks)
         source = event.path
         stale_since: float | None = None
         delay = 0.1
@@ -128,11 +129,13 @@ class Applier:
                 log.warning("seq %s: cannot move directory %s: it is missing here; will resync", event.seq, event.path)
                 return Outcome.RESYNC
             await asyncio.to_thread(_rename_over, src, dst, True)
+            await self._moved(event.path, event.dest, True)
             return Outcome.APPLIED
         have_it = st is not None and stat.S_ISREG(st.st_mode) and (
             event.size is None or (st.st_size == event.size and st.st_mtime_ns == event.mtime_ns))
         if have_it:
             await asyncio.to_thread(_rename_over, src, dst, False)
+            await self._moved(event.path, event.dest, False)
             if event.mode is not None and st is not None and stat.S_IMODE(st.st_mode) != event.mode:
                 os.chmod(dst, event.mode)
             return Outcome.APPLIED
@@ -144,12 +147,22 @@ class Applier:
             return Outcome.RESYNC
         log.info("seq %s: %s is not here as expected; fetching %s instead", event.seq, event.path, event.dest)
         as_write = Event(Op.WRITE, event.dest, size=event.size, mtime_ns=event.mtime_ns, mode=event.mode,
-                         digest=event.digest, seq=event.seq, ts=event.ts)
+                         digest=event.digest, seq=event.seq, ts=event.ts, blocks=event.blocks)
         return await self.write(as_write, resync=resync)
+
+    async def _moved(self, src: str, dest: str, is_dir: bool) -> None:
+        """The block index follows a local rename: the moved file's blocks still serve other files."""
+        index = self.downloader.index
+        if index is not None and index.paths and (src in index.paths or dest in index.paths or is_dir):
+            await asyncio.to_thread(index.move, src, dest, is_dir)
 
     async def remove(self, event: Event) -> Outcome:
         final = resolve(self.target, event.path)
         st = lstat_or_none(final)
+        index = self.downloader.index
+        if index is not None and index.paths and (event.path in index.paths or event.is_dir
+                                                  or index.partial_path(event.path)[0] in index.paths):
+            await asyncio.to_thread(_forget, index, event.path, event.is_dir)
         if st is None:
             return Outcome.APPLIED
         if stat.S_ISDIR(st.st_mode):
@@ -190,6 +203,11 @@ class Applier:
         if not event.is_dir and event.mtime_ns is not None and st.st_mtime_ns != event.mtime_ns:
             os.utime(final, ns=(event.mtime_ns, event.mtime_ns), follow_symlinks=False)
         return Outcome.APPLIED
+
+
+def _forget(index: BlockIndex, path: str, is_dir: bool) -> None:
+    index.remove(path, is_dir)
+    index.drop_partial(path)
 
 
 def _unlink(path: Path) -> None:

@@ -20,16 +20,18 @@ import shutil
 import stat
 import threading
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 import yarl
 
 from ..errors import lstat_or_none
+from ..events import BLOCK_SIZE, Blocks, blocks_digest
 from ..paths import url_path
 from ..retry import Backoff
 from ..tree import file_digest
+from .blocks import BlockIndex, assemble_local, missing_runs
 from .state import temp_name
 
 log = logging.getLogger(__name__)
@@ -64,19 +66,26 @@ class FileVersion:
     digest: str
     mode: int
     mtime_ns: int
+    #: A file longer than one block is assembled block by block (see :mod:`dlopbox.client.blocks`).
+    blocks: Blocks | None = None
 
 
 @dataclass(slots=True)
 class Counters:
     files: int = 0
-    bytes: int = 0
+    bytes: int = 0  #: received from nginx
+    #: blocks of assembled files: left a hole, copied from the file's old copy, from another local file, fetched
+    blocks: dict[str, int] = field(default_factory=lambda: {"hole": 0, "same file": 0, "other file": 0, "fetched": 0})
 
 
 class Downloader:
     """Fetches file versions from the files URL, a bounded number at a time, over one session."""
 
-    def __init__(self, session: aiohttp.ClientSession, files_url: str, chunk_bytes: int, concurrency: int) -> None:
+    def __init__(self, session: aiohttp.ClientSession, files_url: str, chunk_bytes: int, concurrency: int,
+                 index: BlockIndex | None = None) -> None:
         self.session = session
+        #: Where this slave holds which block; None: assembly uses the file's old copy and holes only.
+        self.index = index
         self.files_url = files_url if files_url.endswith("/") else files_url + "/"
         self.chunk_bytes = max(4096, chunk_bytes)
         self.slots = asyncio.Semaphore(max(1, concurrency))
@@ -99,6 +108,8 @@ class Downloader:
         else:
             # Nothing there (the common case): no thread hop; a file there is hashed in a thread.
             if lstat_or_none(final) is not None and await asyncio.to_thread(_already_there, final, version):
+                if version.blocks is not None and self.index is not None:
+                    await asyncio.to_thread(self.index.put, self._rel(final), version.blocks.hashes)
                 return
             async with self.slots:
                 # Retried while holding the slot: when nginx is down, only `downloads` requests are
@@ -106,12 +117,120 @@ class Downloader:
                 backoff = Backoff(0.2, MAX_BACKOFF)
                 while True:
                     try:
-                        await self._download(source, final, version)
+                        if version.blocks is not None:
+                            await self._assemble(source, final, version)
+                        else:
+                            await self._download(source, final, version)
                         break
                     except TransferError as exc:
                         log.warning("%s; retrying in %.1fs", exc, backoff.delay)
                         await backoff.wait()
+        if version.blocks is None and self.index is not None and self.index.paths and self._rel(final) in self.index.paths:
+            await asyncio.to_thread(self.index.remove, self._rel(final))
         self.counters.files += 1
+
+    def _rel(self, final: Path) -> str:
+        assert self.index is not None
+        return final.relative_to(self.index.target).as_posix()
+
+    async def _assemble(self, source: str, final: Path, version: FileVersion) -> None:
+        """Build ``version`` from local blocks, then fetch the rest with range requests, and install it.
+
+        When the master moves on meanwhile (412, a short answer, a block that does not match) this
+        raises :class:`StaleContent` like a whole download would; the blocks verified so far are
+        kept for the next attempt (:meth:`BlockIndex.keep_partial`).
+        """
+        assert version.blocks is not None
+        sink = _BlockFile(final, self.unsynced)
+        written: list[str | None] = [None] * len(version.blocks.hashes)
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, self._assemble_local, sink, final, version, written)
+            etag: str | None = None
+            for first, end in missing_runs(written):
+                etag = await self._fetch_run(source, sink, version, first, end, etag, written)
+            await _settled(loop.run_in_executor(None, sink.seal, version, written, self.index), sink)
+        except (StaleContent, TransferError) as exc:
+            if not sink.installed:
+                await asyncio.to_thread(sink.keep, self.index, written)
+            if isinstance(exc, StaleContent):
+                raise StaleContent(f"{source!r}: {exc}") from None
+            raise
+        except BaseException:
+            await asyncio.to_thread(sink.discard)
+            raise
+
+    def _assemble_local(self, sink: _BlockFile, final: Path, version: FileVersion, written: list[str | None]) -> None:
+        assert version.blocks is not None
+        sink.create()
+        assert sink.fd is not None
+        st = lstat_or_none(final)
+        current = final if st is not None and stat.S_ISREG(st.st_mode) else None
+        counts = assemble_local(sink.fd, current, version.size, version.blocks, self.index, final.parent, written)
+        for kind, n in counts.items():
+            self.counters.blocks[kind] += n
+
+    async def _fetch_run(self, source: str, sink: _BlockFile, version: FileVersion, first: int, end: int,
+                         etag: str | None, written: list[str | None]) -> str | None:
+        """Fetch blocks ``first``..``end - 1`` with one range request, verifying each before it is written.
+
+        ``If-Match`` carries the ETag of the previous range: a file replaced in between answers 412.
+        Returns the ETag nginx gave.
+        """
+        assert version.blocks is not None
+        blocks = version.blocks
+        start, stop = first * BLOCK_SIZE, min(end * BLOCK_SIZE, version.size)
+        headers = {"Accept-Encoding": "identity", "Range": f"bytes={start}-{stop - 1}"}
+        if etag is not None:
+            headers["If-Match"] = etag
+        loop = asyncio.get_running_loop()
+        busy: list[asyncio.Future[None]] = []
+        try:
+            async with self.session.get(self.url(source), headers=headers, timeout=_TIMEOUT,
+                                        read_bufsize=READ_BUFFER) as response:
+                if response.status >= 500 or response.status in (408, 429):
+                    raise TransferError(f"{source!r}: nginx answered {response.status}")
+                if response.status != 206:
+                    # 412: replaced since the previous range; 416: shorter now; 404: gone; 200: no ranges.
+                    raise StaleContent(f"nginx answered {response.status} to a range request")
+                expected_range = f"bytes {start}-{stop - 1}/{version.size}"
+                if response.headers.get("Content-Range") != expected_range:
+                    raise StaleContent(f"nginx sent {response.headers.get('Content-Range')}, not {expected_range}")
+                index, pending, pending_size = first, [], 0
+                need = blocks.size_of(index, version.size)
+                async for piece, _ in response.content.iter_chunks():
+                    self.counters.bytes += len(piece)
+                    view = memoryview(piece)
+                    while view:
+                        if index == end:
+                            raise StaleContent("more bytes than the range asked for")
+                        take = min(len(view), need - pending_size)
+                        pending.append(view[:take])
+                        pending_size += take
+                        view = view[take:]
+                        if pending_size == need:
+                            # One thread hashes block N, another writes it, while block N+1 arrives.
+                            for future in busy:
+                                await future
+                            busy = [loop.run_in_executor(None, sink.check_block, index, pending, blocks.hashes[index],
+                                                         written),
+                                    loop.run_in_executor(None, sink.write_block, index, pending)]
+                            self.counters.blocks["fetched"] += 1
+                            index, pending, pending_size = index + 1, [], 0
+                            need = blocks.size_of(index, version.size) if index < end else 0
+                for future in busy:
+                    await future
+                if index != end:
+                    raise StaleContent(f"a short answer: {index - first} of {end - first} blocks")
+                return response.headers.get("ETag", etag)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise TransferError(f"{source!r}: {type(exc).__name__}: {exc}") from exc
+        finally:
+            if any(not future.done() for future in busy):
+                await asyncio.wait(busy)  # a thread still uses the temp file
+            for future in busy:
+                if not future.cancelled():
+                    future.exception()  # seen: what is raised here is the first error
 
     async def _download(self, source: str, final: Path, version: FileVersion) -> None:
         try:
@@ -329,6 +448,64 @@ class _TempFile:
                 os.unlink(self.path)
             except FileNotFoundError:
                 pass
+
+
+class _BlockFile(_TempFile):
+    """The temp file of an assembly: blocks written at their offsets, each verified first (methods block)."""
+
+    def create(self) -> None:
+        _prepare_parent(self.final)
+        # Read and write: a block repeated in the file is copied from where it was first written.
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        self.created = True
+
+    def check_block(self, index: int, pieces: list[memoryview], expected: str, written: list[str | None]) -> None:
+        sha = hashlib.sha256()
+        for piece in pieces:
+            sha.update(piece)
+        if sha.hexdigest() != expected:
+            raise StaleContent(f"block {index} does not match its hash")
+        written[index] = expected  # only now: a block written but not verified is never used
+
+    def write_block(self, index: int, pieces: list[memoryview]) -> None:
+        assert self.fd is not None
+        start = offset = index * BLOCK_SIZE
+        for piece in pieces:
+            offset += os.pwrite(self.fd, piece, offset)
+        self.size += offset - start
+        if self.size - self.written_back >= WRITEBACK_BYTES:
+            # A run's blocks arrive in order: the bytes since the last writeback end here.
+            span = self.size - self.written_back
+            os.posix_fadvise(self.fd, max(0, offset - span), span, os.POSIX_FADV_DONTNEED)
+            self.written_back = self.size
+
+    def seal(self, version: FileVersion, written: list[str | None], index: BlockIndex | None) -> None:
+        """Check the whole file (the SHA-256 of the hashes of the blocks it holds), give it its attributes,
+        rename it into place and index its blocks."""
+        assert self.fd is not None
+        if any(h is None for h in written) or blocks_digest(tuple(written)) != version.digest:  # type: ignore[arg-type]
+            raise StaleContent("the assembled blocks do not make the event's digest")
+        os.ftruncate(self.fd, version.size)  # trailing zero blocks stay a hole
+        os.fchmod(self.fd, version.mode)
+        os.utime(self.fd, ns=(version.mtime_ns, version.mtime_ns))
+        _replace(self.path, self.final)
+        self.installed = True
+        fd, self.fd = self.fd, None
+        self.unsynced.add(fd, self.final.parent)
+        if index is not None:
+            rel = self.final.relative_to(index.target).as_posix()
+            index.put(rel, written)
+            index.drop_partial(rel)
+
+    def keep(self, index: BlockIndex | None, written: list[str | None]) -> None:
+        """An overtaken assembly: keep what it verified for the next attempt, or discard it."""
+        if index is None or self.fd is None or not any(h is not None for h in written):
+            self.discard()
+            return
+        os.close(self.fd)
+        self.fd = None
+        index.keep_partial(self.final.relative_to(index.target).as_posix(), self.path, written)
+        self.created = False
 
 
 def _prepare_parent(final: Path) -> None:

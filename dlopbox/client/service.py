@@ -23,6 +23,7 @@ from ..api import InterfaceAPI
 from ..settings import ClientSettings, SettingsError
 from .acks import Acks, ProgressReports
 from .apply import Applier
+from .blocks import BlockIndex
 from .consume import Consumer, Repairs, connect
 from .download import Downloader
 from .fate import FateFinder, UnexplainedWrites
@@ -59,7 +60,9 @@ class Client:
             log.warning("%s was last synced by client %r; continuing from its seq %d as %r",
                         self.target, state.client_id, state.seq, self.settings.client_id)
         connector = aiohttp.TCPConnector(limit=self.settings.downloads + 4)
-        async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
+        # nginx's access log then tells which slave fetched what.
+        headers = {"User-Agent": f"dlopbox-client/{self.settings.client_id}"}
+        async with aiohttp.ClientSession(connector=connector, auto_decompress=False, headers=headers) as session:
             self._wire(session, state)
             connection = await connect(self.settings.amqp_url, stop)
             if connection is None:
@@ -71,12 +74,15 @@ class Client:
             finally:
                 # Files installed past the last state: durable too, and their descriptors closed.
                 await asyncio.to_thread(self.downloader.unsynced.sync)
+                if self.downloader.index is not None:
+                    self.downloader.index.close()
         log.info("client %s stopped at seq %d", self.settings.client_id, self.acks.persisted)
 
     def _wire(self, session: aiohttp.ClientSession, state: ClientState | None) -> None:
         settings = self.settings
         api = InterfaceAPI(session, settings.interface_url, settings.read_token)
-        self.downloader = Downloader(session, settings.files_url, settings.chunk_bytes, settings.downloads)
+        self.downloader = Downloader(session, settings.files_url, settings.chunk_bytes, settings.downloads,
+                                     BlockIndex(self.target))
         self.acks = Acks(self.target, settings.client_id, self.downloader.unsynced, state)
         self.reports = ProgressReports(api, settings.client_id, self.acks)
         finder = FateFinder(api)

@@ -48,8 +48,8 @@ from ..tree import Tree
 
 log = logging.getLogger(__name__)
 
-_EVENT_FIELDS = ("op", "path", "dest", "is_dir", "size", "mtime_ns", "mode", "digest", "seq", "ts")
-_ENTRY_FIELDS = ("size", "mtime_ns", "mode", "digest", "seq")
+_EVENT_FIELDS = ("op", "path", "dest", "is_dir", "size", "mtime_ns", "mode", "digest", "seq", "ts", "blocks")
+_ENTRY_FIELDS = ("size", "mtime_ns", "mode", "digest", "seq", "blocks")
 #: Exact paths fetched per query: SecantusDB slows down sharply on very long $in lists.
 _IN_CHUNK = 100
 #: Indexes of earlier versions that nothing queries: each insert paid for them (half the cost
@@ -83,7 +83,7 @@ def state_doc(entry: Entry) -> dict[str, Any]:
     for name in _ENTRY_FIELDS:
         value = getattr(entry, name)
         if value is not None:
-            doc[name] = value
+            doc[name] = value.to_dict() if name == "blocks" else value
     return doc
 
 

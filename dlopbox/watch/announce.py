@@ -69,7 +69,7 @@ class Announcer:
             old = None
         if old is None or (old.size, old.digest) != (entry.size, entry.digest):
             self._emit(Event(Op.WRITE, path, size=entry.size, mtime_ns=entry.mtime_ns, mode=entry.mode,
-                            digest=entry.digest, ts=ts))
+                            digest=entry.digest, ts=ts, blocks=entry.blocks))
         elif (old.mode, old.mtime_ns) != (entry.mode, entry.mtime_ns):
             self._emit(Event(Op.ATTRIB, path, mode=entry.mode, mtime_ns=entry.mtime_ns, ts=ts))
 
@@ -105,7 +105,7 @@ class Announcer:
             await self._reconcile_paths((src, dest), ts)
             return
         file_fields: dict[str, Any] = {} if is_dir else {
-            "size": old.size, "mtime_ns": old.mtime_ns, "mode": old.mode, "digest": old.digest}
+            "size": old.size, "mtime_ns": old.mtime_ns, "mode": old.mode, "digest": old.digest, "blocks": old.blocks}
         self._emit(Event(Op.MOVE, src, dest=dest, is_dir=is_dir, ts=ts, **file_fields))
         # Items read before the rename may have been dropped because their path had moved: the
         # scan of the destination brings them (and normally emits nothing).

@@ -27,6 +27,8 @@ class OpenBatch:
         self.last: dict[str, int] = {}  # path -> index of the latest event naming it
         self.barrier = -1
         self.live = 0
+        #: Block hashes added (an upper bound: merged events are not subtracted); they are most of a batch's bytes.
+        self.block_hashes = 0
 
     def __len__(self) -> int:
         return self.live
@@ -37,6 +39,8 @@ class OpenBatch:
     def add(self, event: Event, created: bool = False) -> None:
         """Append ``event``, merging it with an earlier event of the same path when that is exact."""
         path = event.path
+        if event.blocks is not None:
+            self.block_hashes += len(event.blocks.hashes)
         match event.op:
             case Op.WRITE:
                 i = self._latest(path)

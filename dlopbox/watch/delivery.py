@@ -47,6 +47,9 @@ BURST_WINDOW_MAX_S = 0.1
 #: Batches published whose reply body (sent once logged) is still awaited; the watcher's
 #: session keeps one more connection for GET /manifest.
 MAX_IN_FLIGHT = 3
+#: A batch is sealed once its events carry this many block hashes (67 bytes of JSON each, 64 GiB of
+#: files): about 4 MiB, far below the interface's body limit, however big the files in it.
+MAX_BATCH_BLOCKS = 64 * 1024
 
 
 class Outage:
@@ -118,7 +121,7 @@ class Delivery:
             return
         self._idle.clear()
         self._open.add(event, created)
-        if len(self._open) >= self.batch_max:
+        if len(self._open) >= self.batch_max or self._open.block_hashes >= MAX_BATCH_BLOCKS:
             self._seal()
         elif self._timer is None and not self._due:
             loop = asyncio.get_running_loop()

@@ -12,7 +12,6 @@ import asyncio
 import dataclasses
 import errno
 import fcntl
-import hashlib
 import os
 import stat
 import threading
@@ -22,9 +21,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..errors import lstat_or_none
-from ..events import Entry
+from ..events import Blocks, Entry
 from ..paths import UnsafePathError, check_relpath
-from ..tree import HASH_CHUNK, Ignore, Tree, entry_from_stat, scan
+from ..tree import Changed, Ignore, Tree, content_digest, entry_from_stat, scan
 
 T = TypeVar("T")
 
@@ -36,23 +35,18 @@ def _same_version(a: os.stat_result, b: os.stat_result) -> bool:
         b.st_dev, b.st_ino, b.st_size, b.st_mtime_ns, b.st_ctime_ns, b.st_mode)
 
 
-def _digest(path: str | Path, expected: os.stat_result, abort: threading.Event) -> str | None:
-    """SHA-256 of the file at ``path`` if it is still the version ``expected``, streamed."""
+def _digest(path: str | Path, expected: os.stat_result, abort: threading.Event) -> tuple[str, Blocks | None] | None:
+    """The digest (and blocks) of the file at ``path`` if it is still the version ``expected``."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         if not _same_version(os.fstat(fd), expected):
             return None
-        sha = hashlib.sha256()
-        buffer = bytearray(HASH_CHUNK)
-        view = memoryview(buffer)
-        total = 0
-        while n := os.readv(fd, [buffer]):
-            if abort.is_set():
-                return None
-            sha.update(view[:n])
-            total += n
+        try:
+            version = content_digest(fd, expected.st_size, abort)
+        except Changed:
+            return None
         # Two rewrites within one clock tick leave mtime and ctime alike: the length still tells.
-        return sha.hexdigest() if total == expected.st_size else None
+        return version if os.fstat(fd).st_size == expected.st_size else None
     finally:
         os.close(fd)
 
@@ -65,14 +59,14 @@ def hash_file(path: str | Path, rel: str, abort: threading.Event) -> Entry | Non
             before = os.lstat(path)
             if not stat.S_ISREG(before.st_mode):
                 return None
-            digest = _digest(path, before, abort)
+            version = _digest(path, before, abort)
             after = os.lstat(path)
         except OSError:
             return None
         if abort.is_set():
             return None
-        if digest is not None and _same_version(before, after):
-            return entry_from_stat(rel, before, digest)
+        if version is not None and _same_version(before, after):
+            return entry_from_stat(rel, before, version[0], blocks=version[1])
     return None
 
 
@@ -137,7 +131,7 @@ def scan_path(root: Path, rel: str, ignore: Ignore, previous: Tree, abort: threa
         if stat.S_ISREG(st.st_mode):
             known = previous.get(rel)
             if known is not None and not known.is_dir and (known.size, known.mtime_ns) == (st.st_size, st.st_mtime_ns):
-                found.entries[rel] = entry_from_stat(rel, st, known.digest)
+                found.entries[rel] = entry_from_stat(rel, st, known.digest, blocks=known.blocks)
                 return ScanResult(found, set())
             entry = hash_file(path, rel, abort)
             if entry is None:

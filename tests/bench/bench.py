@@ -5,8 +5,12 @@ W3 one 256 MiB file (with the curl floor from the same nginx, one curl per slave
 floor where each curl's output is also hashed, SHA-256 by the openssl CLI, as each slave must verify
 what it installs; and each client's peak RSS);
 W4 50 rapid appends to one file; W5 a directory of 100 files renamed plus 100 files deleted;
-W1 and W2 again with 1, 4 and 16 slaves. During every workload a sampler reads the slaves
-and counts files seen under their final name with content the master never had complete.
+W1 and W2 again with 1, 4 and 16 slaves; W6 1 MiB overwritten in the middle of a 256 MiB file;
+W7 1 MiB appended to it; W8 a cp of it to a new name; W9 a 256 MiB sparse file holding 1 MiB of data.
+W6-W9 report the bytes each slave received (dlopbox: from nginx's access log; lsyncd: rsync's own
+count of what it transferred) and are also run with rsync's delta algorithm forced (--no-whole-file).
+During every workload a sampler reads the slaves and counts files seen under their final name with
+content the master never had complete.
 """
 
 from __future__ import annotations
@@ -241,6 +245,95 @@ async def w5(mirror: Mirror) -> tuple[float, int]:
     return done - closed, len(sampler.bad)
 
 
+BIG = 256 * 2**20
+MiB = 2**20
+
+
+async def timed_change(mirror: Mirror, change: Callable[[], None], rel: str) -> tuple[float, list[int]]:
+    """Run ``change``; the time from its end until every slave has the file, and the bytes each slave received."""
+    before = mirror.received()
+    await asyncio.to_thread(change)
+    closed = time.time()
+    done = await wait_stat_then_digest(mirror.targets, mirror.master / rel, rel)
+    await asyncio.sleep(1.0)  # nginx logs a request once answered, rsync a file once transferred
+    return done - closed, [a - b for a, b in zip(mirror.received(), before)]
+
+
+async def wait_stat_then_digest(targets: list[Path], master: Path, rel: str, timeout: float = 600) -> float:
+    """When the last slave showed the master's size and mtime under ``rel`` (both systems copy the
+    mtime), checked by digest once all have: hashing 256 MiB per slave while polling would delay
+    the moment the next slave is seen by as much."""
+    st = master.stat()
+    want = asyncio.ensure_future(asyncio.to_thread(digest, master))
+    seen: dict[Path, float] = {}
+    deadline = time.monotonic() + timeout
+    while True:
+        for target in targets:
+            if target in seen:
+                continue
+            try:
+                got = (target / rel).stat()
+            except FileNotFoundError:
+                continue
+            if (got.st_size, got.st_mtime_ns) == (st.st_size, st.st_mtime_ns):
+                seen[target] = time.time()
+        if len(seen) == len(targets):
+            wrong = [t for t in targets if await asyncio.to_thread(digest, t / rel) != await want]
+            if not wrong:
+                return max(seen.values())
+            for target in wrong:
+                del seen[target]  # the right stat, other bytes: wait for its next version
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{rel} never converged on {sorted(set(targets) - set(seen))}")
+        await asyncio.sleep(0.002)
+
+
+def _write_big(path: Path) -> str:
+    block = os.urandom(MiB)
+    with open(path, "wb") as f:
+        for i in range(BIG // MiB):
+            f.write(i.to_bytes(8, "big") + block[8:])
+    return digest(path)
+
+
+def _overwrite_middle(path: Path) -> None:
+    with open(path, "r+b") as f:
+        f.seek(BIG // 2)
+        f.write(os.urandom(MiB))
+
+
+def _append(path: Path) -> None:
+    with open(path, "ab") as f:
+        f.write(os.urandom(MiB))
+
+
+def _copy(src: Path, dst: Path) -> None:
+    subprocess.run(["cp", str(src), str(dst)], check=True)
+
+
+def _sparse(path: Path) -> None:
+    with open(path, "wb") as f:
+        f.truncate(BIG)
+        f.seek(100 * MiB)
+        f.write(os.urandom(MiB))
+
+
+async def w6_to_w9(mirror: Mirror) -> dict[str, tuple[float, list[int]]]:
+    """W6-W9 on one 256 MiB file (written and synced first, untimed); W9's extra is the bytes on disk per slave."""
+    scope = f"delta-{time.time_ns()}"
+    (mirror.master / scope).mkdir()
+    big, rel = mirror.master / scope / "big.bin", f"{scope}/big.bin"
+    await wait_identical(mirror.targets, {rel: await asyncio.to_thread(_write_big, big)})
+    await asyncio.sleep(1.5)  # rsync's quick check sees mtimes to the second
+    out = {"W6": await timed_change(mirror, lambda: _overwrite_middle(big), rel)}
+    await asyncio.sleep(1.5)
+    out["W7"] = await timed_change(mirror, lambda: _append(big), rel)
+    out["W8"] = await timed_change(mirror, lambda: _copy(big, big.with_name("copy.bin")), f"{scope}/copy.bin")
+    out["W9"] = await timed_change(mirror, lambda: _sparse(big.with_name("sparse.img")), f"{scope}/sparse.img")
+    out["W9 disk"] = (0.0, [(t / scope / "sparse.img").stat().st_blocks * 512 for t in mirror.targets])
+    return out
+
+
 #: The machine's load average as each configuration started (other work on it skews every number).
 LOAD: list[str] = []
 
@@ -273,23 +366,42 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
 
 
-async def bench(kinds: list[str], scaling: list[int], main_clients: int, workdir: Path) -> list[Measure]:
+DELTA_TITLES = {"W6": "W6 1 MiB overwritten mid 256 MiB, {clients} slaves", "W7": "W7 1 MiB appended to 256 MiB",
+                "W8": "W8 cp of a 256 MiB file", "W9": "W9 256 MiB sparse, 1 MiB data"}
+DELTA_TARGETS = {"W6": ("≤ 0.2 × lsyncd", "≤ 2 MiB"), "W7": ("≤ 0.2 × lsyncd", "≤ 2 MiB"),
+                 "W8": ("≤ 0.3 × lsyncd", "0 from nginx"), "W9": ("", "")}
+
+
+async def bench(kinds: list[str], scaling: list[int], main_clients: int, workdir: Path,
+                delta_workloads: bool = True, classic: bool = True) -> list[Measure]:
     measures: dict[tuple[str, str], Measure] = {}
 
     def put(workload: str, metric: str, unit: str, kind: str, value: float, target: str = "") -> None:
         m = measures.setdefault((workload, metric), Measure(workload, metric, unit, target=target))
         m.values[kind] = round(value, 4)
 
-    for clients in sorted(set(scaling) | {main_clients}):
+    for clients in sorted(set(scaling if classic else []) | {main_clients}):
         for kind in kinds:
-            cls = DlopboxMirror if kind == "dlopbox" else LsyncdMirror
-            mirror = cls(workdir / f"{kind}-{clients}", clients)
+            if kind == "lsyncd-delta" and clients != main_clients:
+                continue  # rsync's delta algorithm only matters for W6-W9
+            path = workdir / f"{kind}-{clients}"
+            mirror = DlopboxMirror(path, clients) if kind == "dlopbox" else LsyncdMirror(path, clients, kind == "lsyncd-delta")
             os.sync()  # what the previous configuration wrote does not land on this one
             conditions = f"load average {loadavg()}; {create_cost(workdir / f'create-probe-{kind}-{clients}')}"
             print(f"== {kind} with {clients} slave(s); {conditions}", flush=True)
             LOAD.append(f"{kind}, {clients} slave(s): {conditions}")
             try:
                 await asyncio.to_thread(mirror.start)  # blocking probes, some of which run their own loop
+                if clients == main_clients and delta_workloads:
+                    for name, (seconds, received) in (await w6_to_w9(mirror)).items():
+                        title = DELTA_TITLES[name.split()[0]].format(clients=clients)
+                        if name == "W9 disk":
+                            put(title, "on disk per slave (max)", "MiB", kind, max(received) / MiB, "≤ 2 MiB")
+                            continue
+                        put(title, "time to converge", "s", kind, seconds, DELTA_TARGETS[name][0])
+                        put(title, "received per slave (max)", "MiB", kind, max(received) / MiB, DELTA_TARGETS[name][1])
+                if kind == "lsyncd-delta" or not classic:
+                    continue
                 lat = await w1(mirror)
                 put(f"W1 latency, {clients} slave(s)", "p50", "ms", kind, statistics.median(lat),
                     "≤ 10 ms" if clients == 1 else "")
@@ -344,26 +456,31 @@ def _fmt(value: float | None, unit: str) -> str:
 
 
 def table(measures: list[Measure]) -> str:
-    rows = ["| workload | metric | dlopbox | lsyncd | dlopbox / lsyncd | target |", "| --- | --- | ---: | ---: | ---: | --- |"]
+    rows = ["| workload | metric | dlopbox | lsyncd | lsyncd --no-whole-file | dlopbox / lsyncd | target |",
+            "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
     for m in measures:
-        d, lsy = m.values.get("dlopbox"), m.values.get("lsyncd")
+        d, lsy, delta = m.values.get("dlopbox"), m.values.get("lsyncd"), m.values.get("lsyncd-delta")
         ratio = f"{d / lsy:.2f}" if d is not None and lsy and lsy == lsy else "—"
-        rows.append(f"| {m.workload} | {m.metric} | {_fmt(d, m.unit)} | {_fmt(lsy, m.unit)} | {ratio} | {m.target} |")
+        rows.append(f"| {m.workload} | {m.metric} | {_fmt(d, m.unit)} | {_fmt(lsy, m.unit)} | {_fmt(delta, m.unit)} "
+                    f"| {ratio} | {m.target} |")
     notes = [f"- {m.workload}, {m.metric}: {m.note.strip()}" for m in measures if m.note]
     return "\n".join(rows + ([""] + notes if notes else []))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["dlopbox", "lsyncd"], help="Run one system only.")
+    parser.add_argument("--only", choices=["dlopbox", "lsyncd", "lsyncd-delta"], help="Run one system only.")
+    parser.add_argument("--no-delta", action="store_true", help="Skip W6-W9.")
+    parser.add_argument("--delta-only", action="store_true", help="Run W6-W9 only.")
     parser.add_argument("--scaling", type=int, nargs="+", default=[1, 4, 16], help="Slave counts for W1/W2.")
     parser.add_argument("--clients", type=int, default=4, help="Slaves for W3-W5 (default 4).")
     parser.add_argument("--report", type=Path, help="Write the Markdown report here.")
     parser.add_argument("--json", type=Path, help="Write raw measures as JSON here.")
     args = parser.parse_args()
-    kinds = [args.only] if args.only else ["dlopbox", "lsyncd"]
+    kinds = [args.only] if args.only else ["dlopbox", "lsyncd", "lsyncd-delta"]
     with tempfile.TemporaryDirectory(prefix="dlopbox-bench-") as tmp:
-        measures = asyncio.run(bench(kinds, args.scaling, args.clients, Path(tmp)))
+        measures = asyncio.run(bench(kinds, args.scaling, args.clients, Path(tmp), not args.no_delta,
+                                     not args.delta_only))
     text = table(measures)
     print(text)
     for path in (args.json, args.report):

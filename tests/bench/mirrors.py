@@ -64,13 +64,41 @@ class Mirror:
 
 
 class LsyncdMirror(Mirror):
+    """lsyncd as configured in the comparison (rsync copies whole files); ``delta`` forces rsync's delta
+    algorithm (--no-whole-file), as it would run between machines."""
+
     name = "lsyncd"
 
+    def __init__(self, workdir: Path, clients: int, delta: bool = False) -> None:
+        super().__init__(workdir, clients)
+        self.delta = delta
+        if delta:
+            self.name = "lsyncd-delta"
+
+    def rsync_log(self, index: int) -> Path:
+        return self.workdir / f"rsync-{index}.log"
+
+    def received(self) -> list[int]:
+        """Bytes rsync transferred to each target so far (its %b: literal data and block references)."""
+        out = []
+        for i in range(len(self.targets)):
+            total = 0
+            path = self.rsync_log(i)
+            for line in path.read_text(errors="replace").splitlines() if path.exists() else ():
+                _, marker, rest = line.partition("] XFER ")
+                if marker:
+                    total += int(rest.split()[0])
+            out.append(total)
+        return out
+
     def start(self) -> None:
+        # rsync copies whole files between local paths unless told otherwise.
+        whole = 'whole_file = false, _extra = { "--no-whole-file", ' if self.delta else "whole_file = true, _extra = { "
         syncs = "\n".join(
             f'sync {{ default.rsync, source = "{self.master}/", target = "{t}/", delay = 0, '
-            f'rsync = {{ archive = true, whole_file = true }} }}'
-            for t in self.targets)
+            f'rsync = {{ archive = true, {whole}"--log-file={self.rsync_log(i)}", '
+            f'"--log-file-format=XFER %b %n" }} }} }}'
+            for i, t in enumerate(self.targets))
         config = self.workdir / "lsyncd.conf.lua"
         config.write_text(f'settings {{ nodaemon = true, logfile = "{self.workdir}/lsyncd-internal.log", '
                           f'statusFile = "{self.workdir}/lsyncd.status", statusInterval = 1, maxProcesses = 16 }}\n'
@@ -86,10 +114,22 @@ class LsyncdMirror(Mirror):
 class DlopboxMirror(Mirror):
     name = "dlopbox"
 
+    def received(self) -> list[int]:
+        """Bytes nginx sent to each client so far (headers included), from its access log."""
+        by_client = dict.fromkeys(self.client_ids, 0)
+        for line in self.access_log.read_text(errors="replace").splitlines() if self.access_log.exists() else ():
+            agent, sent, _status = line.rsplit(" ", 2)
+            name = agent.removeprefix("dlopbox-client/")
+            if name in by_client:
+                by_client[name] += int(sent)
+        return [by_client[c] for c in self.client_ids]
+
     def start(self) -> None:
         self.rabbit = RabbitNode(self.workdir / "rabbitmq")
         self.mongo = SecantusNode(self.workdir / "secantus")
-        self.nginx = NginxServer(self.workdir / "nginx", self.master)
+        self.access_log = self.workdir / "nginx-access.log"
+        self.client_ids = [f"bench-{i}-{secrets.token_hex(2)}" for i in range(len(self.targets))]
+        self.nginx = NginxServer(self.workdir / "nginx", self.master, access_log=self.access_log)
         for service in (self.rabbit, self.mongo, self.nginx):
             service.start()
         token, read_token = secrets.token_hex(16), secrets.token_hex(16)
@@ -105,7 +145,7 @@ class DlopboxMirror(Mirror):
         self._spawn("watcher", [*dlopbox, "watch"], {**base, "DLOPBOX_ROOT": str(self.master)})
         for i, target in enumerate(self.targets):
             self._spawn(f"client{i}", [*dlopbox, "client"], {
-                **base, "DLOPBOX_CLIENT_ID": f"bench-{i}-{secrets.token_hex(2)}", "DLOPBOX_TARGET": str(target),
+                **base, "DLOPBOX_CLIENT_ID": self.client_ids[i], "DLOPBOX_TARGET": str(target),
                 "DLOPBOX_AMQP_URL": self.rabbit.client_url, "DLOPBOX_FILES_URL": self.nginx.url})
         probe = self.master / f"probe-{secrets.token_hex(3)}"
         probe.write_text("ready")

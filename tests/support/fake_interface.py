@@ -24,7 +24,7 @@ from aiohttp import web
 
 from dlopbox import broker
 from dlopbox.events import Batch, Event, Op
-from dlopbox.tree import file_digest, scan
+from dlopbox.tree import file_version, scan
 
 READ_TOKEN = "read-" + secrets.token_hex(8)
 
@@ -149,8 +149,9 @@ class FakeMaster:
 
     def write_event(self, path: str) -> Event:
         st = os.stat(self.abs(path))
+        digest, blocks = file_version(self.abs(path))
         return Event(Op.WRITE, path, size=st.st_size, mtime_ns=st.st_mtime_ns, mode=st.st_mode & 0o7777,
-                     digest=file_digest(self.abs(path)))
+                     digest=digest, blocks=blocks)
 
     def append(self, path: str, data: bytes) -> Event:
         with open(self.abs(path), "ab") as f:
@@ -192,5 +193,6 @@ class FakeMaster:
         if is_dir:
             return Event(Op.MOVE, src, dest=dest, is_dir=True)
         st = os.stat(self.abs(dest))
+        digest, blocks = file_version(self.abs(dest))
         return Event(Op.MOVE, src, dest=dest, size=st.st_size, mtime_ns=st.st_mtime_ns, mode=st.st_mode & 0o7777,
-                     digest=file_digest(self.abs(dest)))
+                     digest=digest, blocks=blocks)

@@ -236,7 +236,7 @@ class NginxServer(_Process):
 
     name = "nginx"
 
-    def __init__(self, workdir: Path, root: Path) -> None:
+    def __init__(self, workdir: Path, root: Path, access_log: Path | None = None) -> None:
         super().__init__(workdir)
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
@@ -252,6 +252,9 @@ class NginxServer(_Process):
             (workdir / d).mkdir(exist_ok=True)
         # Workers run as this user: pytest's temp dirs are private (0700) to it.
         user = "user root root;" if os.geteuid() == 0 else ""
+        # The benchmark counts the bytes each slave received: clients name themselves in User-Agent.
+        logging = (f"log_format received '$http_user_agent $bytes_sent $status';\n    access_log {access_log} received;"
+                   if access_log is not None else "access_log off;")
         (workdir / "nginx.conf").write_text(f"""
 {user}
 worker_processes 1;
@@ -259,7 +262,7 @@ pid {workdir}/nginx.pid;
 error_log {workdir}/error.log warn;
 events {{ worker_connections 1024; }}
 http {{
-    access_log off;
+    {logging}
     client_body_temp_path {workdir}/client_body;
     proxy_temp_path {workdir}/proxy;
     fastcgi_temp_path {workdir}/fastcgi;

@@ -69,7 +69,9 @@ class Amqp:
             if self._inspect is None or self._inspect.is_closed:
                 self._inspect = await self.connection.channel()
             try:
-                queue = await self._inspect.declare_queue(name, passive=True, timeout=self.settings.backend_timeout)
+                # Not robust: a robust channel answers a passive declare it has seen from its cache.
+                queue = await self._inspect.declare_queue(name, passive=True, robust=False,
+                                                          timeout=self.settings.backend_timeout)
             except aio_pika.exceptions.ChannelClosed:
                 counts[name] = None
                 self._inspect = None

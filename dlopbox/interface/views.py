@@ -135,9 +135,7 @@ async def get_live(request: web.Request) -> web.StreamResponse:
         await response.prepare(request)
         while True:
             await response.write(await viewer.next())
-    except ConnectionResetError:
-        if not viewer.dropped:
-            raise
+    except ConnectionResetError:  # the tab went away, or was dropped for falling behind
         return response
     finally:
         hub.unsubscribe(viewer)

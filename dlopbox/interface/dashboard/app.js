@@ -5,6 +5,7 @@
 
 const FEED_ROWS = 100, HISTORY_PAGE = 50, SERIES = 60;
 const COLORS = ["#0b62a4", "#c62828", "#1a7f37", "#b35900", "#6a1b9a", "#00838f", "#5d4037", "#ad1457"];
+const SLAVE_COLUMNS = ["slave", "state", "seq", "lag", "lag (s)", "queued", "last seen", "rate"];
 const $ = (id) => document.getElementById(id);
 
 const state = {
@@ -141,8 +142,14 @@ function eventRow(ev, fresh) {
             el("td", {class: "path"}, path), el("td", {class: "num"}, ev.op === "write" ? bytes(ev.size) : ""));
 }
 
+function showLast(last) {
+  $("m-last").textContent = last ? `${last.op} ${last.path} (seq ${last.seq}, ${clock(last.at)})` : "none since the interface started";
+}
+
 function onEvents(msg) {
   $("m-head").textContent = msg.last_seq;
+  const tail = msg.events[msg.events.length - 1];
+  if (tail) showLast({op: tail.op, path: tail.path, seq: tail.seq, at: msg.at});
   const rows = msg.events.map((ev) => eventRow(ev, true)).reverse();
   const hidden = msg.count - msg.events.length;
   if (hidden > 0) rows.push(el("tr", {class: "more"}, el("td", {colspan: 5}, `… and ${hidden} earlier events of this batch (seq ${msg.first_seq}–${msg.first_seq + hidden - 1})`)));
@@ -185,8 +192,7 @@ function onStatus(s) {
   badge("log", s.log_degraded ? `log degraded (logged through ${s.logged})` : "log ok", s.log_degraded ? "warn" : "ok");
   $("m-rate").textContent = s.events_per_minute;
   $("m-head").textContent = s.head;
-  const last = s.last_event;
-  $("m-last").textContent = last ? `${last.op} ${last.path} (seq ${last.seq}, ${clock(last.at)})` : "none since the interface started";
+  showLast(s.last_event);
   const seen = new Set();
   for (const c of s.clients) { mergeClient(c); seen.add(c.id); }
   for (const id of [...state.clients.keys()]) if (!seen.has(id)) state.clients.delete(id);
@@ -238,10 +244,11 @@ function clientRow(c) {
   if (c.state === "local differences" && c.local_differences) stateCell.textContent = `${c.local_differences} local differences`;
   const lagSeconds = c.lag_seconds === null || c.lag_seconds === undefined ? "?" : c.lag_seconds.toFixed(1);
   const queued = c.queued === null || c.queued === undefined ? "not reported" : c.queued;
-  return el("tr", {"data-client": c.id, "data-state": c.state, "data-seq": c.seq},
-            el("td", {}, c.id), stateCell, el("td", {class: "num seq"}, c.seq), el("td", {class: "num lag"}, c.lag),
-            el("td", {class: "num"}, lagSeconds), el("td", {class: "num"}, queued), el("td", {}, ago(c.last_seen)),
-            el("td", {class: "num"}, c.rate ? bytes(Math.round(c.rate)) + "/s" : "idle"));
+  const cells = [el("td", {class: "id"}, c.id), stateCell, el("td", {class: "num"}, c.seq), el("td", {class: "num"}, c.lag),
+                 el("td", {class: "num"}, lagSeconds), el("td", {class: "num"}, queued), el("td", {}, ago(c.last_seen)),
+                 el("td", {class: "num"}, c.rate ? bytes(Math.round(c.rate)) + "/s" : "idle")];
+  SLAVE_COLUMNS.forEach((label, i) => cells[i].setAttribute("data-label", label));
+  return el("tr", {"data-client": c.id, "data-state": c.state, "data-seq": c.seq}, ...cells);
 }
 
 function drawChart(node, lines) {

@@ -36,7 +36,7 @@ FEED_MAX = 200
 #: Events kept for reconnecting tabs and for lag-in-seconds and transfer rates.
 RING_EVENTS = 50_000
 #: Bytes one viewer may have waiting before it is dropped.
-VIEWER_BYTES = 1 << 20
+VIEWER_BYTES = 256 * 1024
 MAX_VIEWERS = 100
 TICK = 1.0
 #: Queue depths and consumers are read from RabbitMQ at most this often.
@@ -75,11 +75,18 @@ class Committed:
 
 @dataclass(eq=False)
 class Viewer:
-    """One connected tab: what waits to be written to it, and whether it was dropped."""
+    """One connected tab: what waits to be written to it, and whether it was dropped.
+
+    A tab that reconnects first catches up by reading the ring itself, one batch per write
+    (nothing is queued for it meanwhile, however far behind it is); once it has reached the
+    ring's end it is offered live messages like any other.
+    """
 
     #: Ends this viewer's connection at once, even while a write to it is stuck.
     close: Callable[[], None] | None
     sent_through: int = 0
+    #: The ring this viewer is catching up from, until it has read it to the end.
+    catching_up: Ring | None = None
     waiting: deque[tuple[int | None, bytes]] = field(default_factory=deque)
     waiting_bytes: int = 0
     dropped: bool = False
@@ -87,6 +94,8 @@ class Viewer:
 
     def offer(self, seq: int | None, message: bytes) -> bool:
         """Queue a message; False (and nothing queued) when this viewer is already too far behind."""
+        if seq is not None and self.catching_up is not None:
+            return True  # it is in the ring, where this viewer will read it
         if self.waiting_bytes + len(message) > VIEWER_BYTES:
             return False
         self.waiting.append((seq, message))
@@ -104,6 +113,17 @@ class Viewer:
                 if seq > self.sent_through:
                     self.sent_through = seq
                     return message
+            if self.catching_up is not None:
+                entry = self.catching_up.first_after(self.sent_through)
+                if entry is None:
+                    self.catching_up = None  # at the ring's end: live from now on
+                    continue
+                if entry.first_seq > self.sent_through + 1:
+                    gap = sse({"first_seq": self.sent_through + 1, "last_seq": entry.first_seq - 1}, "gap")
+                    self.sent_through = entry.first_seq - 1
+                    return gap
+                self.sent_through = entry.last_seq
+                return entry.to_message()
             self.wake.clear()
             await self.wake.wait()
         raise ConnectionResetError("dropped: too far behind")
@@ -147,6 +167,10 @@ class Ring:
 
     def after(self, seq: int) -> list[Committed]:
         return list(self.batches)[self._index_after(seq):]
+
+    def first_after(self, seq: int) -> Committed | None:
+        i = self._index_after(seq)
+        return self.batches[i] if i < len(self.batches) else None
 
     def committed_at(self, seq: int) -> float | None:
         """When the first seq above ``seq`` was committed, if still held."""
@@ -220,20 +244,31 @@ class Hub:
 
     # -- viewers -----------------------------------------------------------------------------
 
-    def subscribe(self, close: Callable[[], None] | None, since: int) -> Viewer | None:
-        """A new viewer, its backlog (what the ring holds after ``since``) queued; None when full."""
+    def subscribe(self, close: Callable[[], None] | None, since: int, resume: bool) -> Viewer | None:
+        """A new viewer after ``since``; None when there are too many.
+
+        A reconnecting tab (``resume``) catches up from the ring; a new one gets the most
+        recent batches that fit in half its bound, after a ``gap`` message for the rest.
+        """
         if len(self.viewers) >= MAX_VIEWERS:
             return None
         viewer = Viewer(close, sent_through=since)
         viewer.offer(None, f"retry: {RETRY_MS}\n\n".encode())
-        if since < self.last_seq:
-            oldest = self.ring.first_seq
-            if oldest is None or oldest > since + 1:
-                skipped_to = (oldest - 1) if oldest is not None else self.last_seq
-                viewer.offer(None, sse({"first_seq": since + 1, "last_seq": skipped_to}, "gap"))
-            for entry in self.ring.after(since):
-                if not viewer.offer(entry.last_seq, entry.to_message()):
-                    break  # the rest comes live or on the next reconnect
+        if resume:
+            viewer.catching_up = self.ring
+        elif since < self.last_seq:
+            backlog, size = [], 0
+            for entry in reversed(self.ring.after(since)):
+                size += len(entry.to_message())
+                if size > VIEWER_BYTES // 2:
+                    break
+                backlog.append(entry)
+            backlog.reverse()
+            resumed = backlog[0].first_seq if backlog else self.last_seq + 1
+            if resumed > since + 1:
+                viewer.offer(None, sse({"first_seq": since + 1, "last_seq": resumed - 1}, "gap"))
+            for entry in backlog:
+                viewer.offer(entry.last_seq, entry.to_message())
         if self._status is not None:
             viewer.offer(None, self._status)
         self.viewers.add(viewer)

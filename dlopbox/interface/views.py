@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import socket
 from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Any
@@ -35,6 +36,7 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
 }
 SIGN_IN_MAX = 4096
+LIVE_SOCKET_BUFFER = 32 * 1024
 
 
 def _asset(name: str) -> bytes:
@@ -91,7 +93,7 @@ async def post_session(request: web.Request) -> web.Response:
         session_id = request.app[SESSIONS].sign_in(token)
     except SignInRefused as exc:
         raise web.HTTPForbidden(text=str(exc)) from None
-    response = web.HTTPSeeOther("/") if form else web.Response(status=204)
+    response = web.Response(status=303, headers={"Location": "/"}) if form else web.Response(status=204)
     set_cookie(response, session_id)
     return response
 
@@ -109,16 +111,26 @@ async def delete_session(request: web.Request) -> web.Response:
     return response
 
 
-def _last_seen(request: web.Request, hub: Hub) -> int:
-    """The seq a reconnecting tab saw (Last-Event-ID); a new tab starts with the last few batches."""
+def _last_seen(request: web.Request, hub: Hub) -> tuple[int, bool]:
+    """(the seq a reconnecting tab saw, True) from Last-Event-ID; a new tab starts with the last few batches."""
     raw = request.headers.get("Last-Event-ID", "")
     try:
         seen = int(raw)
     except ValueError:
-        return max(0, hub.last_seq - FEED_MAX)
+        return max(0, hub.last_seq - FEED_MAX), False
     if seen < 0 or (hub.last_seq and seen > hub.last_seq):
-        return hub.last_seq
-    return seen
+        return hub.last_seq, True
+    return seen, True
+
+
+def _bound_socket(transport: asyncio.Transport) -> None:
+    """Small kernel and transport buffers for a viewer, so a stuck one reaches its hub bound (and is dropped)
+    instead of parking megabytes in socket buffers."""
+    transport.set_write_buffer_limits(high=LIVE_SOCKET_BUFFER)
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LIVE_SOCKET_BUFFER)
 
 
 async def get_live(request: web.Request) -> web.StreamResponse:
@@ -126,7 +138,9 @@ async def get_live(request: web.Request) -> web.StreamResponse:
     _view_auth(request)
     hub = request.app[HUB]
     transport = request.transport
-    viewer = hub.subscribe(transport.abort if transport is not None else None, _last_seen(request, hub))
+    if transport is not None:
+        _bound_socket(transport)
+    viewer = hub.subscribe(transport.abort if transport is not None else None, *_last_seen(request, hub))
     if viewer is None:
         raise web.HTTPServiceUnavailable(text="too many dashboard viewers")
     try:

@@ -8,8 +8,11 @@ $DLOPBOX_SCREENSHOTS (docs/ holds the ones the README shows).
 
 from __future__ import annotations
 
+import json
 import os
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -68,6 +71,22 @@ async def sign_in(driver: WebDriver, url: str, token: str) -> None:
     field = driver.find_element(By.ID, "token")
     field.clear()
     field.send_keys(token, Keys.ENTER)
+
+
+def report_master(url: str) -> bool:
+    """PUT /master as the watcher would, where the interface has that route (another part of the system)."""
+    body = json.dumps({"watched_dirs": 7, "rescans": 1,
+                       "unsendable": [{"path": "docs/broken.txt", "reason": "permission denied", "since": time.time()}]})
+    request = urllib.request.Request(url + "/master", data=body.encode(), method="PUT",
+                                     headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return r.status in (200, 204)
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        if exc.code in (404, 405):
+            return False
+        raise
 
 
 def rows(driver: WebDriver, body_id: str) -> list[dict[str, str]]:
@@ -155,6 +174,10 @@ async def test_the_dashboard_shows_the_master_every_slave_and_the_history(pipeli
         assert feed_after < LIVE_WITHIN and slaves_after < LIVE_WITHIN, (feed_after, slaves_after)
         assert (p.slaves[0] / "docs" / "report.txt").read_bytes() == b"quarterly numbers\n" * 100
         await eventually(lambda: text(driver, "m-rate") != "0", 5, "events per minute")
+        assert text(driver, "m-dirs") == "not reported"  # until the watcher reports (PUT /master)
+        if report_master(p.interface.url):
+            await eventually(lambda: text(driver, "m-dirs") == "7 directories", 10, "the master's report")
+            assert "docs/broken.txt: permission denied" in text(driver, "m-unsendable-list")
         assert "docs/report.txt" in text(driver, "m-last")
         driver.save_screenshot(str(shots / "dashboard.png"))
 

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 #: Events of one batch sent in full; a bigger batch sends its last ones and its count.
 FEED_MAX = 200
 #: Events kept for reconnecting tabs and for lag-in-seconds and transfer rates.
-RING_EVENTS = 50_000
+RING_EVENTS = 10_000
 #: Bytes one viewer may have waiting before it is dropped.
 VIEWER_BYTES = 256 * 1024
 MAX_VIEWERS = 100

@@ -20,7 +20,15 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.support.interface_harness import batch_body, mongo_reader, write_event
+from dlopbox.interface.service import SHUTDOWN_TIMEOUT
+from tests.support.interface_harness import READ_TOKEN as HARNESS_READ
+from tests.support.interface_harness import (
+    Running,
+    batch_body,
+    mongo_reader,
+    settings_for,
+    write_event,
+)
 from tests.support.pipeline_harness import READ_TOKEN, TOKEN, InterfaceProcess
 from tests.support.polling import eventually
 
@@ -152,3 +160,16 @@ async def _equals(value: object, expected: float) -> bool:
 
 async def _logged(db, last: int) -> bool:
     return (await db.counts())["events"] >= last
+
+
+async def test_an_open_tab_does_not_hold_up_the_interface_stopping(rabbit, mongo, mongo_db):
+    service = Running(settings_for(rabbit, mongo, mongo_db))
+    await service.start()
+    async with aiohttp.ClientSession() as session:
+        async with session.get(service.url + "/live", headers={"Authorization": f"Bearer {HARNESS_READ}"}) as live:
+            assert live.status == 200
+            started = time.monotonic()
+            await service.shutdown()
+            # aiohttp would wait its whole shutdown timeout (15 s) for an open stream.
+            assert time.monotonic() - started < SHUTDOWN_TIMEOUT / 3
+            assert await asyncio.wait_for(live.content.read(), 5) is not None

@@ -276,6 +276,13 @@ class Hub:
         self._changed.set()
         return viewer
 
+    def close(self) -> None:
+        """End every viewer's stream (the interface is stopping: their browsers retry later)."""
+        for viewer in list(self.viewers):
+            viewer.dropped = True
+            viewer.wake.set()
+            self.unsubscribe(viewer)
+
     def unsubscribe(self, viewer: Viewer) -> None:
         self.viewers.discard(viewer)
         self.metrics.live_viewers.set(len(self.viewers))

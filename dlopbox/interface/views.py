@@ -168,7 +168,11 @@ def setup(app: web.Application, settings: InterfaceSettings, ingest: Any, metric
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
+    async def close_viewers(app: web.Application) -> None:
+        hub.close()
+
     app.cleanup_ctx.append(run_hub)
+    app.on_shutdown.append(close_viewers)  # else open streams hold the shutdown for its whole timeout
     app.router.add_get("/", get_index, allow_head=False)
     app.router.add_get("/dashboard/{name}", get_static, allow_head=False)
     app.router.add_post("/session", post_session)

@@ -73,6 +73,12 @@ async def test_log_prints_the_history_of_a_path_in_order_and_follows(rabbit, mon
         assert code == 2 and "403" in stdout, stdout
 
 
+def last_frame(out: io.StringIO) -> str:
+    """The last complete redraw (one ends with its footer line)."""
+    frames = [frame for frame in out.getvalue().split(CLEAR) if "Ctrl-C to stop" in frame]
+    return frames[-1] if frames else ""
+
+
 async def test_status_watch_redraws_in_place_until_stopped(shared_dir):
     fake = FakeInterface(shared_dir)
     url = await fake.start()
@@ -85,10 +91,10 @@ async def test_status_watch_redraws_in_place_until_stopped(shared_dir):
                                              watch=0.05, stop=stop))
         await eventually(lambda: out.getvalue().count(CLEAR) >= 3, 10, "three redraws")
         fake.progress["laptop"] = 7
-        await eventually(lambda: out.getvalue().rsplit(CLEAR, 1)[-1].splitlines()[1].split()[:3] == ["laptop", "7", "0"],
+        await eventually(lambda: [line.split()[:3] for line in last_frame(out).splitlines()[1:2]] == [["laptop", "7", "0"]],
                          10, "the redraw showing the new seq")
         stop.set()
         assert await asyncio.wait_for(watcher, 5) == 0
-        assert "Ctrl-C to stop" in out.getvalue().rsplit(CLEAR, 1)[-1]
+        assert last_frame(out).splitlines()[0].split() == ["CLIENT", "SEQ", "LAG", "LAST", "SEEN"]
     finally:
         await fake.stop()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import json
 import logging
 import time
@@ -215,6 +216,8 @@ class Hub:
         self._queues_read = 0.0
         self._status: bytes | None = None
         self._changed = asyncio.Event()
+        self._closed = False
+        self._stopping = asyncio.Event()
 
     # -- called by ingestion: never awaits --------------------------------------------------
 
@@ -277,7 +280,10 @@ class Hub:
         return viewer
 
     def close(self) -> None:
-        """End every viewer's stream (the interface is stopping: their browsers retry later)."""
+        """End every viewer's stream and the snapshot loop (the interface is stopping: browsers retry later)."""
+        self._closed = True
+        self._changed.set()
+        self._stopping.set()
         for viewer in list(self.viewers):
             viewer.dropped = True
             viewer.wake.set()
@@ -320,8 +326,9 @@ class Hub:
         return [counts.get(s, 0) for s in range(current - SERIES + 1, current + 1)]
 
     async def run(self) -> None:
-        """Build and push the status snapshot once a second while anyone watches."""
-        while True:
+        """Build and push the status snapshot once a second while anyone watches, until :meth:`close`."""
+        # A cancellation may be swallowed inside a client library mid-snapshot: the flag ends the loop anyway.
+        while not self._closed:
             if not self.viewers:
                 self._status = None
                 self._changed.clear()
@@ -332,7 +339,8 @@ class Hub:
                 log.exception("building the dashboard snapshot failed")
             else:
                 self._broadcast(None, self._status)
-            await asyncio.sleep(TICK)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), TICK)
 
     async def snapshot(self) -> dict[str, Any]:
         now = time.time()

@@ -164,6 +164,7 @@ def setup(app: web.Application, settings: InterfaceSettings, ingest: Any, metric
     async def run_hub(app: web.Application) -> AsyncIterator[None]:
         task = asyncio.create_task(hub.run(), name="dlopbox-dashboard-hub")
         yield
+        hub.close()
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task

@@ -253,6 +253,11 @@ next_steps() {
     local compose
     compose=$(compose_command)
     say "$project is up: what next"
+    local published
+    published=$(docker port "$project-interface" 5000/tcp 2>/dev/null | grep -m1 '^127\.0\.0\.1:' || true)
+    if [ -n "$published" ]; then
+        printf '  %-32s  the live dashboard: sign in with DLOPBOX_READ_TOKEN from %s\n' "http://$published/" "$env_file"
+    fi
     cat <<EOF
   ./docker-run.sh test              the brief's check: touch /shared/prova in master, then ls in each client
   ./docker-run.sh logs [SERVICE]    the last log lines of every service, or of one (master, client-1, ...)

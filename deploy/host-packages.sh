@@ -7,7 +7,8 @@
 #   images        python3 with pip (wheels are downloaded on the host), ca-certificates:
 #                 deploy/build-images.sh, either image path
 #   local-images  images, and mmdebstrap for the Debian base and the stand-ins (no registry)
-#   tests         RabbitMQ and nginx (the host suite runs real servers), python3-venv: tests/run
+#   tests         RabbitMQ and nginx (the host suite runs real servers), python3-venv, and Chromium
+#                 with its driver (the dashboard's tests drive a headless browser): tests/run
 #   bench         tests, and lsyncd, rsync, curl, openssl: tests/bench/run
 #
 # Installs with apt-get (through sudo when not root), with Debian's services kept from
@@ -24,7 +25,7 @@ profile_packages() {
     case $1 in
         images) echo python3 python3-pip ca-certificates ;;
         local-images) echo "$(profile_packages images) mmdebstrap" ;;
-        tests) echo rabbitmq-server nginx-light python3-venv ca-certificates ;;
+        tests) echo rabbitmq-server nginx-light python3-venv ca-certificates chromium chromium-driver ;;
         bench) echo "$(profile_packages tests) lsyncd rsync curl openssl" ;;
         *) die "unknown profile '$1' (images, local-images, tests, bench)" 2 ;;
     esac

@@ -1,4 +1,4 @@
-"""`dlopbox watch|interface|client|status|verify|loadtest`: one console script for every role."""
+"""`dlopbox watch|interface|client|status|log|verify|loadtest`: one console script for every role."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ _DESCRIPTIONS = {
     "watch": "Watch the master's directory with inotify and post every change to the interface.",
     "interface": "Run the ingestion API: log each event in MongoDB and queue it in RabbitMQ.",
     "client": "Mirror the master's directory on this slave, from RabbitMQ and nginx.",
-    "status": "Show every client's last applied seq and lag, as a table.",
+    "status": "Show every client's last applied seq and lag, as a table (--watch: refreshed in place).",
+    "log": "Print the history of a path, a folder or everything from the interface's log (--follow: keep going).",
     "verify": "Compare a directory with the interface's manifest; exit 0 only when equal.",
     "loadtest": "Create many files on the master and measure how fast each client has them.",
     "broker-definitions": "Print the RabbitMQ definitions (vhost, exchange, users, permissions) as JSON.",
@@ -68,6 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = command("status")
     _add_setting_flags(status, ClientSettings, only=("interface_url", "read_token"))
+    status.add_argument("--watch", nargs="?", type=float, const=2.0, default=None, metavar="SECONDS",
+                        help="Redraw the table in place every SECONDS (default 2) until Ctrl-C.")
+
+    history = command("log")
+    _add_setting_flags(history, ClientSettings, only=("interface_url", "read_token"))
+    history.add_argument("--path", default=None, metavar="PREFIX",
+                         help="Only events touching this path or anything below it (default: everything).")
+    history.add_argument("--since", type=int, default=0, metavar="SEQ", help="Only events after this seq.")
+    history.add_argument("--follow", action="store_true", help="Keep printing new events as they are logged.")
 
     verify = command("verify")
     _add_setting_flags(verify, ClientSettings, only=("target", "interface_url", "read_token"))
@@ -108,10 +118,20 @@ def main(argv: list[str] | None = None) -> int:
                 return _run_service("interface", _settings(InterfaceSettings, args).require("token", "read_token"))
             case "client":
                 return _run_service("client", _settings(ClientSettings, args).require("read_token"))
-            case "status" | "verify":
-                tool = importlib.import_module(f"dlopbox.tools.{args.command}")
+            case "status":
+                from .tools.status import status
+
                 settings = _settings(ClientSettings, args).require("read_token")
-                return serve(lambda stop: getattr(tool, args.command)(settings))
+                return serve(lambda stop: status(settings, watch=args.watch, stop=stop))
+            case "log":
+                from .tools.log import log
+
+                settings = _settings(ClientSettings, args).require("read_token")
+                return serve(lambda stop: log(settings, args.path, args.since, args.follow, stop=stop))
+            case "verify":
+                tool = importlib.import_module("dlopbox.tools.verify")
+                settings = _settings(ClientSettings, args).require("read_token")
+                return serve(lambda stop: tool.verify(settings))
             case "loadtest":
                 tool = importlib.import_module("dlopbox.tools.loadtest")
                 return serve(lambda stop: tool.run(args, stop=stop))

@@ -34,6 +34,8 @@ class Amqp:
         self.channel: AbstractChannel | None = None
         self.exchange: AbstractExchange | None = None
         self.journal: AbstractQueue | None = None
+        #: For reading client queues' depths: a passive declare of a missing queue closes its channel.
+        self._inspect: AbstractChannel | None = None
 
     async def open(self) -> None:
         timeout = self.settings.backend_timeout
@@ -49,7 +51,7 @@ class Amqp:
 
     async def close(self) -> None:
         connection, self.connection = self.connection, None
-        self.channel = self.exchange = self.journal = None
+        self.channel = self.exchange = self.journal = self._inspect = None
         if connection is not None:
             await connection.close()
 
@@ -57,6 +59,26 @@ class Amqp:
         connection, channel = self.connection, self.channel
         return (connection is not None and channel is not None and not connection.is_closed
                 and connection.connected.is_set() and not channel.is_closed)
+
+    async def queue_counts(self, names: list[str]) -> dict[str, tuple[int, int] | None]:
+        """(messages ready, consumers) of each queue, None for a queue that does not exist."""
+        counts: dict[str, tuple[int, int] | None] = {}
+        for name in names:
+            if self.connection is None or not self.up():
+                break
+            if self._inspect is None or self._inspect.is_closed:
+                self._inspect = await self.connection.channel()
+            try:
+                # Not robust: a robust channel answers a passive declare it has seen from its cache.
+                queue = await self._inspect.declare_queue(name, passive=True, robust=False,
+                                                          timeout=self.settings.backend_timeout)
+            except aio_pika.exceptions.ChannelClosed:
+                counts[name] = None
+                self._inspect = None
+                continue
+            result = queue.declaration_result
+            counts[name] = (result.message_count or 0, result.consumer_count or 0)
+        return counts
 
     async def publish(self, batch: Batch) -> None:
         """Publish a numbered batch and wait for its confirm (bounded by the backend timeout)."""

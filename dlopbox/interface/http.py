@@ -24,6 +24,7 @@ from .. import broker
 from ..events import INT64_MAX, Batch, EventError
 from ..paths import UnsafePathError, check_relpath
 from ..settings import InterfaceSettings
+from . import views
 from .backends import Unavailable
 from .commit import Committed
 from .metrics import Metrics
@@ -56,6 +57,8 @@ class Ingestion(Protocol):
     async def client_progress(self) -> tuple[int, list[dict[str, Any]]]: ...
 
     async def health(self) -> dict[str, Any]: ...
+
+    async def queue_counts(self, names: list[str]) -> dict[str, tuple[int, int] | None]: ...
 
 
 SETTINGS = web.AppKey("settings", InterfaceSettings)
@@ -110,6 +113,8 @@ def _write_auth(request: web.Request) -> None:
 
 def _read_auth(request: web.Request) -> None:
     settings = request.app[SETTINGS]
+    if "Authorization" not in request.headers and views.signed_in(request):
+        return
     _authorize(request, settings.read_token, settings.token)
 
 
@@ -125,6 +130,7 @@ async def post_events(request: web.Request) -> web.Response:
         return web.json_response(exc.to_json(), status=400)
     started = time.perf_counter()
     accepted, logged = await request.app[INGEST].accept(batch)
+    request.app[views.HUB].committed(batch, accepted.first_seq, accepted.last_seq)
     # Published, so durable: the status line goes out now, and the body once the log write ended.
     response = web.StreamResponse(headers={"Content-Type": "application/json; charset=utf-8"})
     await response.prepare(request)
@@ -194,6 +200,7 @@ async def post_progress(request: web.Request) -> web.Response:
     if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq <= INT64_MAX or set(body) != {"seq"}:
         raise web.HTTPBadRequest(text="body must be {\"seq\": N} with N a non-negative 64-bit integer")
     await request.app[INGEST].set_progress(client_id, seq)
+    request.app[views.HUB].progress(client_id, seq)
     return web.Response(status=204)
 
 
@@ -230,4 +237,5 @@ def create_app(settings: InterfaceSettings, ingest: Ingestion, metrics: Metrics)
     app.router.add_get("/clients", get_clients, allow_head=False)
     app.router.add_get("/healthz", get_healthz, allow_head=False)
     app.router.add_get("/metrics", get_metrics, allow_head=False)
+    views.setup(app, settings, ingest, metrics)
     return app

@@ -43,5 +43,9 @@ class Metrics:
         self.ready = Gauge("dlopbox_ready", "1 once both backends answered and the journal was recovered.",
                            registry=r)
 
+        self.live_viewers = Gauge("dlopbox_live_viewers", "Dashboard tabs connected to the push channel.", registry=r)
+        self.live_dropped = Counter("dlopbox_live_dropped_viewers",
+                                    "Dashboard tabs dropped for falling too far behind (they reconnect).", registry=r)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -144,6 +144,9 @@ class Ingest:
         with pymongo.timeout(self.settings.backend_timeout):
             return head, await self.eventlog.client_progress()
 
+    async def queue_counts(self, names: list[str]) -> dict[str, tuple[int, int] | None]:
+        return await self.amqp.queue_counts(names)
+
     async def health(self) -> dict[str, Any]:
         try:
             await self.eventlog.ping()

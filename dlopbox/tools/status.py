@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import sys
 from datetime import datetime, timezone
 from typing import Any, TextIO
@@ -12,10 +14,30 @@ from ..api import InterfaceAPI
 from ..errors import HTTP_ERRORS
 from ..settings import ClientSettings
 
+#: Clears the terminal and homes the cursor, so each refresh of --watch replaces the last one.
+CLEAR = "\x1b[H\x1b[2J"
 
-async def status(settings: ClientSettings, out: TextIO | None = None) -> int:
-    """Print every client's seq, lag and last report as a table; 0 when the interface answered."""
+
+async def status(settings: ClientSettings, out: TextIO | None = None, watch: float | None = None,
+                 stop: asyncio.Event | None = None) -> int:
+    """Print every client's seq, lag and last report as a table; 0 when the interface answered.
+
+    With ``watch`` (seconds), redraw it in place that often until ``stop`` is set.
+    """
     out = out or sys.stdout
+    if watch is None:
+        return await _once(settings, out)
+    stop = stop or asyncio.Event()
+    while not stop.is_set():
+        print(CLEAR, end="", file=out)
+        await _once(settings, out)
+        print(f"every {watch:g} s, {datetime.now(timezone.utc):%H:%M:%S} UTC; Ctrl-C to stop", file=out, flush=True)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), watch)
+    return 0
+
+
+async def _once(settings: ClientSettings, out: TextIO) -> int:
     try:
         async with aiohttp.ClientSession() as session:
             body = await InterfaceAPI(session, settings.interface_url, settings.read_token).clients()

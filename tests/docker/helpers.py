@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from dlopbox.events import BLOCK_SIZE, blocks_digest
+
 REPO = Path(__file__).resolve().parents[2]
 SECRETS = ("DLOPBOX_TOKEN", "DLOPBOX_READ_TOKEN", "RABBITMQ_ADMIN_PASSWORD", "RABBITMQ_INTERFACE_PASSWORD",
            "RABBITMQ_CLIENT_PASSWORD", "MONGO_INITDB_ROOT_PASSWORD")
@@ -29,6 +31,14 @@ TREE_SCRIPT = r"""
 import hashlib, json, os, stat, sys
 root = sys.argv[1]
 tree = {}
+
+def digest(blocks):
+    # The protocol's digest: a file of one block (1 MiB) or less by its SHA-256, a longer one by
+    # the SHA-256 of its blocks' SHA-256s (dlopbox.events.blocks_digest).
+    if len(blocks) > 1:
+        return hashlib.sha256(b"".join(blocks)).hexdigest()
+    return (blocks[0] if blocks else hashlib.sha256(b"").digest()).hex()
+
 for dirpath, dirnames, filenames in os.walk(root):
     dirnames[:] = [d for d in dirnames if not d.startswith(".dlopbox")]
     rel = os.path.relpath(dirpath, root)
@@ -43,11 +53,9 @@ for dirpath, dirnames, filenames in os.walk(root):
         if stat.S_ISLNK(st.st_mode):
             tree[key] = "link:" + os.readlink(path)
             continue
-        digest = hashlib.sha256()
         with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        tree[key] = "%s %o" % (digest.hexdigest(), stat.S_IMODE(st.st_mode))
+            blocks = [hashlib.sha256(chunk).digest() for chunk in iter(lambda: f.read(1 << 20), b"")]
+        tree[key] = "%s %o" % (digest(blocks), stat.S_IMODE(st.st_mode))
 print(json.dumps(tree, ensure_ascii=False))
 """
 
@@ -70,7 +78,10 @@ def clean_environ() -> dict[str, str]:
 
 
 def file_entry(data: bytes, mode: int = 0o644) -> str:
-    return f"{hashlib.sha256(data).hexdigest()} {mode:o}"
+    """What tree() says of a file holding ``data``: the protocol's digest and the mode."""
+    hashes = tuple(hashlib.sha256(data[i:i + BLOCK_SIZE]).hexdigest() for i in range(0, len(data), BLOCK_SIZE))
+    digest = blocks_digest(hashes) if len(hashes) > 1 else hashlib.sha256(data).hexdigest()
+    return f"{digest} {mode:o}"
 
 
 def tree(container: str, root: str) -> dict[str, str]:

@@ -110,11 +110,12 @@ class ProgressReports:
         failing = False
         while True:
             await asyncio.sleep(REPORT_EVERY)
-            if self.acks.persisted == reported:
+            seq = self.acks.persisted  # read once: it may move on while the POST is in flight
+            if seq == reported:
                 continue
             try:
-                await self.api.report_progress(self.client_id, self.acks.persisted)
-                reported = self.acks.persisted
+                await self.api.report_progress(self.client_id, seq)
+                reported = seq
                 failing = False
             except HTTP_ERRORS as exc:
                 if not failing:

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import pytest
 from asyncinotify import Inotify
 
 from dlopbox.events import Entry, Event, Op
@@ -27,7 +28,8 @@ from dlopbox.watch.delivery import Delivery
 from dlopbox.watch.disk import DiskWork, ScanResult, scan_path
 from dlopbox.watch.moves import MovePairing
 from dlopbox.watch.pipeline import Attrib, Pending, Pipeline, Reconcile, Remove
-from dlopbox.watch.rescan import Rescans
+from dlopbox.watch.rescan import CHECK_AFTER_S, Rescans
+from dlopbox.watch.unsendable import UnsendablePaths
 from dlopbox.watch.watches import Watches
 from tests.support.polling import eventually
 from tests.support.receiver import Receiver
@@ -57,7 +59,7 @@ async def wired(root: Path, receiver: Receiver) -> AsyncIterator[Parts]:
             moves = MovePairing(watches, unread=lambda: False)
             announced = Tree()
             rescans = Rescans(announced, disk, watches, moves, pending)
-            announcer = Announcer(announced, delivery, disk, watches, rescans.again_later)
+            announcer = Announcer(announced, delivery, disk, watches, rescans.again_later, UnsendablePaths())
             ready = asyncio.Event()
             pipeline = Pipeline(pending, announcer, delivery, ready)
             tasks = [asyncio.create_task(pipeline.run()), asyncio.create_task(delivery.run())]
@@ -162,6 +164,27 @@ async def test_an_overflow_rescans_and_emits_exactly_the_differences(root: Path,
         assert parts.rescans.overflows == 2
         # Directories made while events were dropped are watched now.
         assert parts.watches.find("e/g") is not None
+
+
+async def test_after_an_overflow_storm_a_scan_of_the_quiet_tree_sends_what_the_scans_during_it_missed(
+        root: Path, receiver: Receiver, caplog: pytest.LogCaptureFixture):
+    (root / "a").write_bytes(b"a")
+    async with wired(root, receiver) as parts:
+        await synced(receiver, root)
+        started = time.monotonic()
+        parts.rescans.overflowed(time.time())
+        queued = parts.rescans._queued
+        assert queued is not None
+        await asyncio.wait_for(asyncio.wrap_future(queued), 10)
+        await asyncio.wait_for(parts.pending.drained.wait(), 10)  # the storm's own scan is released
+        assert time.monotonic() - started < CHECK_AFTER_S, "too slow to test the scan after the storm"
+        mark = receiver.seq
+        # Changes that neither an event nor the storm's scan reported.
+        (root / "late").write_bytes(b"late")
+        (root / "a").unlink()
+        await synced(receiver, root)
+        assert sorted((e.op, e.path) for e in receiver.events(mark)) == sorted([(Op.WRITE, "late"), (Op.DELETE, "a")])
+        assert "the scan after the inotify overflow found 2 differences" in caplog.text
 
 
 async def test_moves_paired_or_not_are_a_move_a_removal_and_an_arrival(root: Path, tmp_path: Path,

@@ -24,6 +24,7 @@ from ..paths import parent_of
 from ..tree import Entries, Tree, diff
 from .delivery import Delivery
 from .disk import DiskWork, ScanResult
+from .unsendable import UnsendablePaths
 from .watches import Watches
 
 log = logging.getLogger(__name__)
@@ -35,13 +36,15 @@ class Announcer:
     """Keeps :attr:`announced` equal to what the events handed to delivery say."""
 
     def __init__(self, announced: Tree, delivery: Delivery, disk: DiskWork, watches: Watches,
-                 scan_again: Callable[[str], None]) -> None:
+                 scan_again: Callable[[str], None], unsendable: UnsendablePaths) -> None:
         #: What the slaves have been told, refilled (never replaced) from the manifest on a reconcile.
         self.announced = announced
         self._delivery = delivery
         self._disk = disk
         self._watches = watches
         self._scan_again = scan_again
+        #: What the disk holds that cannot be told: scans and reads say what it is now.
+        self._unsendable = unsendable
 
     def _emit(self, event: Event) -> None:
         created = (event.dest if event.op is Op.MOVE else event.path) not in self.announced
@@ -61,6 +64,7 @@ class Announcer:
 
     async def set_entry(self, path: str, entry: Entry, ts: float) -> None:
         """The file at ``path`` is now ``entry``: a write, or an attrib if only mode or mtime changed."""
+        self._unsendable.discard(path)
         if not self.announced.is_dir(parent_of(path)):
             return  # its directory is gone, or not announced yet: the directory's own item covers it
         old = self.announced.get(path)
@@ -72,6 +76,10 @@ class Announcer:
                             digest=entry.digest, ts=ts, blocks=entry.blocks))
         elif (old.mode, old.mtime_ns) != (entry.mode, entry.mtime_ns):
             self._emit(Event(Op.ATTRIB, path, mode=entry.mode, mtime_ns=entry.mtime_ns, ts=ts))
+
+    def unreadable(self, path: str, reason: str) -> None:
+        """The file at ``path`` could not be read: the slaves keep what they were told of it."""
+        self._unsendable.add(path, reason)
 
     async def set_attributes(self, path: str, st: os.stat_result, ts: float) -> None:
         """chmod/touch: mode and mtime only, for an entry whose content is known."""
@@ -122,17 +130,23 @@ class Announcer:
             result = await self._disk.scan(rel, self.announced)
             await self.apply_scan(rel, result, ts)
 
-    async def apply_scan(self, rel: str, result: ScanResult, ts: float) -> None:
+    async def apply_scan(self, rel: str, result: ScanResult, ts: float, check: bool = False) -> None:
         """Make what is announced at ``rel`` (and below) equal to what the scan found.
 
         Paths that changed while they were read are left as announced, for their own events; but
         after a kernel queue overflow those events may be lost, so ``rel`` is scanned again once
-        it has been quiet for a moment, until a scan finds it still.
+        it has been quiet for a moment, until a scan finds it still. ``check``: the scan after an
+        overflow storm; what it finds, the scans during the storm missed, and the log says so.
         """
+        self._unsendable.replace_below(rel, result.unsendable)
         if rel and not self.announced.is_dir(parent_of(rel)):
             return  # the parent's own item scans it
         new = self._stable(result)
-        await self._emit_all(diff(Tree(self.announced.subtree(rel)), new), ts)
+        events = diff(Tree(self.announced.subtree(rel)), new)
+        if check and events:
+            log.warning("the scan after the inotify overflow found %d differences the scans during it missed, "
+                        "sending them: %s", len(events), ", ".join(e.path for e in events[:10]))
+        await self._emit_all(events, ts)
         if result.unstable:
             self._scan_again(rel)
 
@@ -151,6 +165,7 @@ class Announcer:
         """The interface has ``manifest``: announce the differences between it and a scan of the disk."""
         previous: Tree = self.announced if len(self.announced) else manifest
         result = await self._disk.scan("", previous)
+        self._unsendable.replace_below("", result.unsendable)
         self.announced.entries = Entries(manifest.entries.values())
         self._delivery.resume()
         events = diff(self.announced, self._stable(result))

@@ -55,9 +55,10 @@ MAX_BATCH_BLOCKS = 64 * 1024
 class Outage:
     """How long the interface has failed: logged when it starts, every FAILURE_LOG_EVERY_S, and when it ends."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_recovered: Callable[[], None] = lambda: None) -> None:
         self.since: float | None = None
         self._last_log = 0.0
+        self.on_recovered = on_recovered
 
     def failed(self, message: str) -> None:
         now = time.monotonic()
@@ -72,13 +73,15 @@ class Outage:
         if self.since is not None:
             log.info("the interface answers again after %.1f s (%d attempts)", time.monotonic() - self.since, attempts)
             self.since = None
+            self.on_recovered()
 
 
 class Delivery:
     """Batches events and POSTs them to the interface in order, one request at a time."""
 
     def __init__(self, session: aiohttp.ClientSession, interface_url: str, token: str, *, batch_ms: float,
-                 batch_max: int, buffer_max: int, on_lost: Callable[[], None] = lambda: None) -> None:
+                 batch_max: int, buffer_max: int, on_lost: Callable[[], None] = lambda: None,
+                 on_recovered: Callable[[], None] = lambda: None) -> None:
         self.api = InterfaceAPI(session, interface_url, token)
         self.batch_s = batch_ms / 1000
         self.batch_max = max(1, batch_max)
@@ -100,7 +103,7 @@ class Delivery:
         self._due = False
         self._window = self.batch_s
         self._sealed_at = float("-inf")
-        self.outage = Outage()
+        self.outage = Outage(on_recovered)
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from ..errors import lstat_or_none
 from ..events import Blocks, Entry
-from ..paths import UnsafePathError, check_relpath
+from ..paths import UnsafePathError, ancestors, check_relpath
 from ..tree import Changed, Ignore, Tree, content_digest, entry_from_stat, scan
 
 T = TypeVar("T")
@@ -53,7 +53,10 @@ def _digest(path: str | Path, expected: os.stat_result, abort: threading.Event) 
 
 def hash_file(path: str | Path, rel: str, abort: threading.Event) -> Entry | None:
     """The entry of the regular file at ``path``, its digest matching its stat; None if it is
-    not a regular file, is gone, or kept changing while read (the event of that change follows)."""
+    not a regular file, is gone, or kept changing while read (the event of that change follows).
+
+    Raises PermissionError when the watcher may not read it: that is not silence, it is listed.
+    """
     for _ in range(3):
         try:
             before = os.lstat(path)
@@ -61,6 +64,8 @@ def hash_file(path: str | Path, rel: str, abort: threading.Event) -> Entry | Non
                 return None
             version = _digest(path, before, abort)
             after = os.lstat(path)
+        except PermissionError:
+            raise
         except OSError:
             return None
         if abort.is_set():
@@ -68,6 +73,25 @@ def hash_file(path: str | Path, rel: str, abort: threading.Event) -> Entry | Non
         if version is not None and _same_version(before, after):
             return entry_from_stat(rel, before, version[0], blocks=version[1])
     return None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Unreadable:
+    """A file the watcher may not read (EACCES): listed as unsendable, read again when its mode changes."""
+
+    reason: str
+
+
+def unreadable(exc: OSError) -> Unreadable:
+    return Unreadable(f"cannot read it: {exc.strerror or type(exc).__name__}")
+
+
+def read_file(path: str | Path, rel: str, abort: threading.Event) -> Entry | Unreadable | None:
+    """:func:`hash_file`, an unreadable file answered as such rather than raised."""
+    try:
+        return hash_file(path, rel, abort)
+    except PermissionError as exc:
+        return unreadable(exc)
 
 
 def open_for_writing(path: str) -> bool | None:
@@ -116,13 +140,17 @@ class ScanResult:
     tree: Tree
     #: files that changed while being read: their own events follow, so they are left as known
     unstable: set[str]
+    #: what could not be taken (unsafe names, unreadable files), path -> why
+    unsendable: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def scan_path(root: Path, rel: str, ignore: Ignore, previous: Tree, abort: threading.Event) -> ScanResult:
     """What is at ``rel`` now — it, and for a directory everything below it — with root-relative paths."""
     found = Tree()
+    skipped: dict[str, str] = {}
     if not rel:
-        found = scan(root, ignore, previous=previous)
+        found = scan(root, ignore, previous=previous, skipped=skipped)
+        skipped.pop("", None)  # the root itself: its watch failing says so
     else:
         path = root / rel
         st = lstat_or_none(path, OSError)
@@ -133,7 +161,10 @@ def scan_path(root: Path, rel: str, ignore: Ignore, previous: Tree, abort: threa
             if known is not None and not known.is_dir and (known.size, known.mtime_ns) == (st.st_size, st.st_mtime_ns):
                 found.entries[rel] = entry_from_stat(rel, st, known.digest, blocks=known.blocks)
                 return ScanResult(found, set())
-            entry = hash_file(path, rel, abort)
+            try:
+                entry = hash_file(path, rel, abort)
+            except PermissionError as exc:
+                return ScanResult(found, set(), {rel: unreadable(exc).reason})
             if entry is None:
                 return ScanResult(found, {rel} if lstat_or_none(path, OSError) is not None else set())
             found.entries[rel] = entry
@@ -142,9 +173,15 @@ def scan_path(root: Path, rel: str, ignore: Ignore, previous: Tree, abort: threa
             return ScanResult(found, set())
         found.entries[rel] = entry_from_stat(rel, st)
         prefix = rel + "/"
-        for sub, entry in scan(path, ignore, previous=_Below(previous, rel)).entries.items():
+        below: dict[str, str] = {}
+        for sub, entry in scan(path, ignore, previous=_Below(previous, rel), skipped=below).entries.items():
             if safe(prefix + sub):  # a scan of the whole tree skips what would be too long
                 found.entries[prefix + sub] = dataclasses.replace(entry, path=prefix + sub)
+            else:
+                skipped[prefix + sub] = unsafe_reason(prefix + sub)
+        skipped.update((f"{prefix}{sub}" if sub else rel, why) for sub, why in below.items())
+        # Below a path too long to send, everything is too long: the top of it is what is listed.
+        skipped = {p: why for p, why in skipped.items() if not any(a in skipped for a in ancestors(p))}
     unstable = set()
     for p, entry in found.entries.items():
         if entry.is_dir:
@@ -155,16 +192,21 @@ def scan_path(root: Path, rel: str, ignore: Ignore, previous: Tree, abort: threa
         st = lstat_or_none(root / p, OSError)
         if st is None or not stat_matches(st, entry):
             unstable.add(p)
-    return ScanResult(found, unstable)
+    return ScanResult(found, unstable, skipped)
 
 
 
 def safe(rel: str) -> bool:
+    return not unsafe_reason(rel)
+
+
+def unsafe_reason(rel: str) -> str:
+    """Why ``rel`` cannot be sent ("" when it can)."""
     try:
         check_relpath(rel)
-    except UnsafePathError:
-        return False
-    return True
+    except UnsafePathError as exc:
+        return str(exc)
+    return ""
 
 
 
@@ -200,23 +242,25 @@ class DiskWork:
     def lstat(self, rel: str) -> asyncio.Future[os.stat_result | None]:
         return self._loop.run_in_executor(self._pool, lstat_or_none, os.path.join(self._root, rel), OSError)
 
-    def read_version(self, rel: str) -> asyncio.Future[Entry | None]:
-        """:func:`hash_file` of ``rel``: at once for a small file, in the pool otherwise."""
+    def read_version(self, rel: str) -> asyncio.Future[Entry | Unreadable | None]:
+        """:func:`read_file` of ``rel``: at once for a small file, in the pool otherwise."""
         path = os.path.join(self._root, rel)
         st = lstat_or_none(path, OSError)
         if st is not None and stat.S_ISREG(st.st_mode) and st.st_size <= INLINE_HASH_BYTES:
-            done: asyncio.Future[Entry | None] = self._loop.create_future()
-            done.set_result(hash_file(path, rel, self.abort))
+            done: asyncio.Future[Entry | Unreadable | None] = self._loop.create_future()
+            done.set_result(read_file(path, rel, self.abort))
             return done
-        return self._loop.run_in_executor(self._pool, hash_file, path, rel, self.abort)
+        return self._loop.run_in_executor(self._pool, read_file, path, rel, self.abort)
 
-    async def current(self, rel: str, entry: Entry | None) -> Entry | None:
+    async def current(self, rel: str, entry: Entry | Unreadable | None) -> Entry | Unreadable | None:
         """``entry`` if the file is still that version; else read it again (a rewrite raced the digest)."""
         for _ in range(2):
+            if isinstance(entry, Unreadable):
+                return entry
             st = lstat_or_none(self.path(rel), OSError) if entry is not None else None
             if st is None or entry is None:
                 return None
             if stat_matches(st, entry):
                 return entry
-            entry = await self.run(hash_file, self.path(rel), rel, self.abort)
+            entry = await self.run(read_file, self.path(rel), rel, self.abort)
         return entry

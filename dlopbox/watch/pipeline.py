@@ -67,11 +67,20 @@ class Remove(Item):
 
 
 class Reconcile(Item):
-    """A scan of ``path`` (an arrival, or everything after an overflow): its differences go out."""
+    """A scan of ``path`` (an arrival, or everything after an overflow): its differences go out.
+
+    ``check``: the scan after an overflow storm, whose differences earlier scans should have found.
+    """
+
+    __slots__ = ("check",)
+
+    def __init__(self, path: str, ts: float, job: asyncio.Future[Any] | None = None, check: bool = False) -> None:
+        super().__init__(path, ts, job)
+        self.check = check
 
     async def release(self, announcer: Announcer) -> None:
         assert self.job is not None
-        await announcer.apply_scan(self.path, await self.job, self.ts)
+        await announcer.apply_scan(self.path, await self.job, self.ts, check=self.check)
 
 
 class Wake(Item):

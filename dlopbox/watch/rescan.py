@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 
 #: Overflows are logged at most this often.
 OVERFLOW_LOG_EVERY_S = 10
+#: After an overflow, the whole tree is scanned once more when none has come for this long: the
+#: scans during the storm raced it, this one reads a quiet tree, and what it finds is logged.
+CHECK_AFTER_S = 2.0
 
 
 class Rescans:
@@ -41,14 +44,15 @@ class Rescans:
         self.overflows = 0
         self._overflow_logged = float("-inf")
         self._queued: Future[ScanResult] | None = None  # the latest scan of the whole tree
+        self._check: asyncio.TimerHandle | None = None  # the scan after the storm
         #: Scans to run again (by path) because the disk changed while they read it.
         self._again: dict[str, asyncio.TimerHandle] = {}
 
-    def arrived(self, rel: str, is_dir: bool, ts: float) -> None:
-        """A directory was made, or something was moved in: watch it, then scan it."""
+    def arrived(self, rel: str, is_dir: bool, ts: float, check: bool = False) -> None:
+        """A directory was made, or something was moved in: watch it, then scan it (``check``: see Reconcile)."""
         if is_dir:
             self._watches.watch_tree(rel)
-        self._pending.add(Reconcile(rel, ts, self._disk.scan(rel, self._announced)))
+        self._pending.add(Reconcile(rel, ts, self._disk.scan(rel, self._announced), check=check))
 
     def overflowed(self, ts: float) -> None:
         """The kernel dropped events: rebuild the watches and rescan the whole tree."""
@@ -60,6 +64,9 @@ class Rescans:
                         self.overflows, self._disk.root)
         self._moves.resolve_all(RESCANNED)
         self._watches.watch_tree("")  # directories made while events were dropped have no watch yet
+        if self._check is not None:
+            self._check.cancel()
+        self._check = self._loop.call_later(CHECK_AFTER_S, self._check_after_storm)
         if self._queued is not None and not self._queued.running() and not self._queued.done():
             return  # the rescan already queued has not started: it sees what was just lost too
         self._queued = self._disk.submit_scan("", self._announced)
@@ -73,6 +80,13 @@ class Rescans:
     def stop(self) -> None:
         for timer in self._again.values():
             timer.cancel()
+        if self._check is not None:
+            self._check.cancel()
+
+    def _check_after_storm(self) -> None:
+        self._check = None
+        if not self._disk.abort.is_set():
+            self.arrived("", True, time.time(), check=True)
 
     def _scan_again(self, rel: str) -> None:
         self._again.pop(rel, None)

@@ -45,8 +45,10 @@ from .delivery import Delivery
 from .disk import DiskWork
 from .moves import RESCANNED, MovePairing
 from .pipeline import Attrib, Pending, Pipeline, Remove
+from .report import MasterReporter
 from .rescan import Rescans
 from .settle import QuietFiles
+from .unsendable import LEAVE_OR_ATTRIB, UnsendableEvents, UnsendablePaths
 from .watches import Watches, safe_name
 
 log = logging.getLogger(__name__)
@@ -62,7 +64,8 @@ READ_EVENTS = 512
 
 async def run(settings: WatcherSettings, *, stop: asyncio.Event) -> None:
     """The `dlopbox watch` service: watch ``settings.root`` and post every change until ``stop``."""
-    connector = aiohttp.TCPConnector(limit=4, keepalive_timeout=60)
+    # MAX_IN_FLIGHT batches, GET /manifest and PUT /master.
+    connector = aiohttp.TCPConnector(limit=5, keepalive_timeout=60)
     async with aiohttp.ClientSession(connector=connector) as session:
         await Watcher(settings, session).run(stop)
 
@@ -81,7 +84,10 @@ class Watcher:
         self._pending = Pending()
         self.delivery = Delivery(session, settings.interface_url, settings.token, batch_ms=settings.batch_ms,
                                  batch_max=settings.batch_max, buffer_max=settings.buffer_max,
-                                 on_lost=self._pending.wake)
+                                 on_lost=self._pending.wake, on_recovered=self._interface_back)
+        #: The paths it cannot send: logged, counted and listed in the master's report.
+        self.unsendable = UnsendablePaths()
+        self._unsendable_paths = self.unsendable.paths  # tested per event: a dict's truth is cheap
         #: Set once the disk has been reconciled with the interface's manifest at start-up.
         self.ready = asyncio.Event()
         # The parts below are made by run(), on its event loop and inotify instance.
@@ -93,6 +99,8 @@ class Watcher:
         self._quiet: QuietFiles
         self._writing: dict[str, tuple[asyncio.TimerHandle, float]]  # QuietFiles.writing, tested per event
         self._pipeline: Pipeline
+        self._not_sent: UnsendableEvents
+        self.reporter: MasterReporter | None = None
 
     @property
     def overflows(self) -> int:
@@ -121,11 +129,14 @@ class Watcher:
                         reader = tasks.create_task(self._read(inotify))
                         releaser = tasks.create_task(self._pipeline.run())
                         sender = tasks.create_task(self.delivery.run())
+                        assert self.reporter is not None
+                        reporter = tasks.create_task(self.reporter.run())
                         await stop.wait()
                         reader.cancel()
                         await self._finish()
                         releaser.cancel()
                         sender.cancel()
+                        reporter.cancel()
                 finally:
                     self._quiet.stop()
                     self.rescans.stop()
@@ -140,8 +151,17 @@ class Watcher:
         self._quiet = QuietFiles(self._disk, self._pending, leases)
         self._writing = self._quiet.writing
         self.rescans = Rescans(announced, self._disk, self.watches, self._moves, self._pending)
-        self.announcer = Announcer(announced, self.delivery, self._disk, self.watches, self.rescans.again_later)
+        self.announcer = Announcer(announced, self.delivery, self._disk, self.watches, self.rescans.again_later,
+                                   self.unsendable)
         self._pipeline = Pipeline(self._pending, self.announcer, self.delivery, self.ready)
+        self._not_sent = UnsendableEvents(self.unsendable, self.ignore, self.rescans.arrived, self._quiet.closed)
+        rescans = self.rescans
+        self.reporter = MasterReporter(self.delivery.api, lambda: len(self.watches), lambda: rescans.overflows,
+                                       self.unsendable)
+
+    def _interface_back(self) -> None:
+        if self.reporter is not None:
+            self.reporter.resend()
 
     async def _finish(self) -> None:
         """After SIGTERM: release what was read and send it, for at most SHUTDOWN_S."""
@@ -189,6 +209,10 @@ class Watcher:
             return  # the commonest event of all: more of a write already noted
         ignored = self.ignore(name) or not safe_name(rel, name)
         is_dir = bool(mask & _ISDIR)
+        if ignored:
+            self._not_sent.ignored(rel, name, mask, is_dir)
+        elif self._unsendable_paths and mask & LEAVE_OR_ATTRIB:
+            self._not_sent.sendable(rel, mask, is_dir, ts)
         if mask & _MOVED_FROM:
             self._quiet.gone(rel)
             if not ignored:  # if it lands inside the tree, it arrives as something new
@@ -212,3 +236,4 @@ class Watcher:
             if is_dir and (child := node.children.get(name)) is not None:
                 self.watches.forget(child)
             self._pending.add(Remove(rel, ts))
+

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import lstat_or_none
 from .announce import Announcer
-from .disk import DiskWork, open_for_writing
+from .disk import DiskWork, Unreadable, open_for_writing
 from .pipeline import Item, Pending
 
 #: A file created or modified but not closed is read once its mtime has been this old, or at the
@@ -50,7 +50,9 @@ class Write(Item):
         if self.superseded:
             return
         entry = await files.disk.current(self.path, await self.job)
-        if entry is not None and not files.busy(self.path):
+        if isinstance(entry, Unreadable):
+            announcer.unreadable(self.path, entry.reason)
+        elif entry is not None and not files.busy(self.path):
             await announcer.set_entry(self.path, entry, self.ts)
 
 

@@ -1,4 +1,5 @@
-"""The interface's HTTP API as its callers see it: POST /events, manifest, history, progress, the client table.
+"""The interface's HTTP API as its callers see it: POST /events, manifest, history, progress, the client table,
+the master's report.
 
 One :class:`InterfaceAPI` per process, over one kept-alive aiohttp session, authenticated
 with the token of its role (the watcher's write token, the others' read token). The manifest
@@ -128,11 +129,33 @@ class InterfaceAPI:
         except (KeyError, TypeError, EventError) as exc:
             raise APIError(f"malformed /events answer: {exc}") from None
 
-    async def report_progress(self, client_id: str, seq: int) -> None:
-        """POST /clients/{id}/progress."""
-        async with self.session.post(self._url("clients", client_id, "progress"), json={"seq": seq},
+    async def report_progress(self, client_id: str, seq: int, local_differences: int | None = None) -> None:
+        """POST /clients/{id}/progress: the seq on disk and, once the client knows it, how many paths of its
+        directory differ from what it installed (``{"seq": N, "local_differences": K}``)."""
+        body: dict[str, int] = {"seq": seq}
+        if local_differences is not None:
+            body["local_differences"] = local_differences
+        async with self.session.post(self._url("clients", client_id, "progress"), json=body,
                                      headers=self.headers, timeout=aiohttp.ClientTimeout(total=10)) as response:
             await _check(response)
+
+    async def put_master(self, report: dict[str, Any]) -> None:
+        """PUT /master: the watcher's report (watched dirs, rescans, the paths it cannot send)."""
+        async with self.session.put(self._url("master"), json=report, headers=self.headers,
+                                    timeout=aiohttp.ClientTimeout(total=10)) as response:
+            await _check(response)
+
+    async def master(self) -> dict[str, Any] | None:
+        """GET /master: the watcher's last report and when it came; None when it has not reported."""
+        async with self.session.get(self._url("master"), headers=self.headers,
+                                    timeout=aiohttp.ClientTimeout(total=30)) as response:
+            if response.status == 404:
+                return None
+            await _check(response)
+            body = await response.json()
+        if not isinstance(body, dict) or not isinstance(body.get("unsendable"), list):
+            raise APIError(f"malformed /master answer: {str(body)[:200]}")
+        return body
 
     async def clients(self) -> dict[str, Any]:
         """GET /clients: {"head", "clients": [{"id", "seq", "last_seen", "lag"}]}."""

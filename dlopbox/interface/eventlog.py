@@ -12,10 +12,11 @@ Collections:
            digest, seq (the seq that last touched it); queried and sorted by _id, whose
            index every write maintains anyway
   batches  _id = first_seq, batch_id, last_seq, logged_at
-  clients  _id = client id, seq, last_seen
+  clients  _id = client id, seq, last_seen, local_differences (when the client reported it)
   meta     {_id: "head", seq}: the last logged seq; {_id: "journal", seq}: the last seq
            seen in the RabbitMQ journal, i.e. known to be published; {_id: "writer", lsid}:
-           the session the interface's transactions run in (see :meth:`EventLog._writer`)
+           the session the interface's transactions run in (see :meth:`EventLog._writer`);
+           {_id: "master", report, received_at}: the watcher's last report (PUT /master)
 
 Every transaction runs in one session per interface process. A transaction its writer could not
 end (a timeout, a lost connection, the process killed) stays open on the server, holding its
@@ -30,6 +31,7 @@ import contextvars
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import UTC, datetime
+from types import EllipsisType
 from typing import Any
 
 import pymongo
@@ -255,9 +257,22 @@ class EventLog:
         """Remember that every batch up to ``seq`` has been seen in the journal (so was published)."""
         await self.meta.update_one({"_id": "journal"}, {"$max": {"seq": seq}}, upsert=True)
 
-    async def set_progress(self, client_id: str, seq: int) -> None:
-        await self.clients.update_one({"_id": client_id}, {"$set": {"seq": seq, "last_seen": datetime.now(UTC)}},
-                                      upsert=True)
+    async def set_progress(self, client_id: str, seq: int, local_differences: int | None | EllipsisType = ...
+                           ) -> None:
+        """Record a client's report; ``local_differences`` left out (``...``) keeps the one reported before."""
+        update: dict[str, Any] = {"$set": {"seq": seq, "last_seen": datetime.now(UTC)}}
+        if local_differences is None:
+            update["$unset"] = {"local_differences": ""}
+        elif not isinstance(local_differences, EllipsisType):
+            update["$set"]["local_differences"] = local_differences
+        await self.clients.update_one({"_id": client_id}, update, upsert=True)
+
+    async def set_master(self, doc: dict[str, Any]) -> None:
+        """The watcher's last report (see :mod:`.master`), one document."""
+        await self.meta.replace_one({"_id": "master"}, {"_id": "master", **doc}, upsert=True)
+
+    async def master(self) -> dict[str, Any] | None:
+        return await self.meta.find_one({"_id": "master"})
 
     # -- reading ---------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC
 from importlib import resources
+from types import EllipsisType
 from typing import IO, Any, Protocol
 
 from aiohttp import web
@@ -27,6 +28,7 @@ from ..settings import InterfaceSettings
 from . import views
 from .backends import Unavailable
 from .commit import Committed
+from .master import MalformedReport, MasterReport
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,12 @@ class Ingestion(Protocol):
 
     async def events_since(self, since: int, prefix: str | None, limit: int) -> list[dict[str, Any]]: ...
 
-    async def set_progress(self, client_id: str, seq: int) -> None: ...
+    async def set_progress(self, client_id: str, seq: int, local_differences: int | None | EllipsisType = ...
+                           ) -> None: ...
+
+    async def set_master(self, body: Any) -> MasterReport: ...
+
+    async def master(self) -> MasterReport | None: ...
 
     async def client_progress(self) -> tuple[int, list[dict[str, Any]]]: ...
 
@@ -192,16 +199,50 @@ async def post_progress(request: web.Request) -> web.Response:
         broker.queue_name(client_id)
     except ValueError as exc:
         raise web.HTTPBadRequest(text=str(exc)) from None
-    try:
-        body = json.loads(await request.read())
-    except (ValueError, UnicodeDecodeError):
-        raise web.HTTPBadRequest(text="body must be JSON: {\"seq\": N}") from None
+    body = await _json_body(request, PROGRESS_SHAPE)
     seq = body.get("seq") if isinstance(body, dict) else None
-    if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq <= INT64_MAX or set(body) != {"seq"}:
-        raise web.HTTPBadRequest(text="body must be {\"seq\": N} with N a non-negative 64-bit integer")
-    await request.app[INGEST].set_progress(client_id, seq)
-    request.app[views.HUB].progress(client_id, seq)
+    if not _count(seq) or not set(body) <= {"seq", "local_differences"}:
+        raise web.HTTPBadRequest(text=f"body must be {PROGRESS_SHAPE} with N a non-negative 64-bit integer "
+                                      "(local_differences optional)")
+    differences = body.get("local_differences", ...)
+    if differences is not ... and differences is not None and not _count(differences):
+        raise web.HTTPBadRequest(text="local_differences must be a non-negative 64-bit integer (or null: unknown)")
+    await request.app[INGEST].set_progress(client_id, seq, differences)
+    request.app[views.HUB].progress(client_id, seq, differences)
     return web.Response(status=204)
+
+
+PROGRESS_SHAPE = '{"seq": N, "local_differences": K}'
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= INT64_MAX
+
+
+async def _json_body(request: web.Request, shape: str) -> Any:
+    try:
+        return json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError):
+        raise web.HTTPBadRequest(text=f"body must be JSON: {shape}") from None
+
+
+async def put_master(request: web.Request) -> web.Response:
+    """The watcher's report: only its (write) token, and only a well-formed report is kept."""
+    _write_auth(request)
+    body = await _json_body(request, '{"watched_dirs": N, "rescans": N, "unsendable": [...]}')
+    try:
+        await request.app[INGEST].set_master(body)
+    except MalformedReport as exc:
+        raise web.HTTPBadRequest(text=str(exc)) from None
+    return web.Response(status=204)
+
+
+async def get_master(request: web.Request) -> web.Response:
+    _read_auth(request)
+    report = await request.app[INGEST].master()
+    if report is None:
+        raise web.HTTPNotFound(text="the watcher has not reported yet")
+    return web.json_response(report.to_json(), dumps=lambda obj: json.dumps(obj, ensure_ascii=False))
 
 
 async def get_clients(request: web.Request) -> web.Response:
@@ -209,7 +250,7 @@ async def get_clients(request: web.Request) -> web.Response:
     head, rows = await request.app[INGEST].client_progress()
     # MongoDB hands datetimes back naive (they are UTC): RFC 3339, as the OpenAPI says, needs the offset.
     clients = [{"id": r["_id"], "seq": r["seq"], "last_seen": r["last_seen"].replace(tzinfo=UTC).isoformat(),
-                "lag": max(0, head - r["seq"])} for r in rows]
+                "lag": max(0, head - r["seq"]), "local_differences": r.get("local_differences")} for r in rows]
     return web.json_response({"head": head, "clients": clients})
 
 
@@ -235,6 +276,8 @@ def create_app(settings: InterfaceSettings, ingest: Ingestion, metrics: Metrics)
     app.router.add_get("/manifest", get_manifest, allow_head=False)
     app.router.add_post("/clients/{client_id}/progress", post_progress)
     app.router.add_get("/clients", get_clients, allow_head=False)
+    app.router.add_put("/master", put_master)
+    app.router.add_get("/master", get_master, allow_head=False)
     app.router.add_get("/healthz", get_healthz, allow_head=False)
     app.router.add_get("/metrics", get_metrics, allow_head=False)
     views.setup(app, settings, ingest, metrics)

@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from types import EllipsisType
 from typing import Any, Protocol
 
 from pymongo.errors import PyMongoError
@@ -135,6 +136,8 @@ class Slave:
     """What the hub remembers of one client between progress reports."""
 
     seq: int = 0
+    #: What the client last said of its directory's differences from the master (None: never said).
+    local_differences: int | None = None
     #: The seq this client was at when it last fell behind: the 0 % of its completion.
     behind_from: int | None = None
     samples: deque[tuple[float, int]] = field(default_factory=deque)
@@ -233,9 +236,12 @@ class Hub:
         if self.viewers:
             self._broadcast(last, entry.to_message())
 
-    def progress(self, client_id: str, seq: int) -> None:
+    def progress(self, client_id: str, seq: int, local_differences: int | None | EllipsisType = ...) -> None:
+        """A progress report; ``local_differences`` left out (``...``) keeps the one reported before."""
         slave = self.slaves.setdefault(client_id, Slave())
         slave.seq = seq
+        if not isinstance(local_differences, EllipsisType):
+            slave.local_differences = local_differences
         done = self.ring.bytes_at(seq)
         now = time.monotonic()
         if done is not None:
@@ -243,7 +249,8 @@ class Hub:
         while slave.samples and now - slave.samples[0][0] > RATE_WINDOW:
             slave.samples.popleft()
         if self.viewers:
-            self._broadcast(None, sse(self._slave_row(client_id, slave, {"last_seen": datetime.now(UTC)}), "client"))
+            row = {"last_seen": datetime.now(UTC), "local_differences": slave.local_differences}
+            self._broadcast(None, sse(self._slave_row(client_id, slave, row), "client"))
 
     # -- viewers -----------------------------------------------------------------------------
 
@@ -340,7 +347,8 @@ class Hub:
             else:
                 self._broadcast(None, self._status)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), TICK)
+                async with asyncio.timeout(TICK):
+                    await self._stopping.wait()
 
     async def snapshot(self) -> dict[str, Any]:
         now = time.time()
@@ -349,13 +357,15 @@ class Hub:
             head, rows = await self.source.client_progress()
         except PyMongoError as exc:
             log.debug("client progress unavailable: %s", exc)
-            head, rows = self.last_seq, [{"_id": name, "seq": s.seq, "last_seen": None}
+            head, rows = self.last_seq, [{"_id": name, "seq": s.seq, "last_seen": None,
+                                          "local_differences": s.local_differences}
                                          for name, s in self.slaves.items()]
         await self._read_queues([r["_id"] for r in rows])
         clients = []
         for row in rows:
             slave = self.slaves.setdefault(row["_id"], Slave(seq=row["seq"]))
             slave.seq = max(slave.seq, row["seq"])
+            slave.local_differences = row.get("local_differences")
             clients.append(self._slave_row(row["_id"], slave, row, head))
         series = self.series(now)
         return {"now": now, "head": head, "ready": health.get("ready"), "mongodb": health.get("mongodb"),

@@ -43,6 +43,8 @@ class Metrics:
         self.ready = Gauge("dlopbox_ready", "1 once both backends answered and the journal was recovered.",
                            registry=r)
 
+        self.unsendable = Gauge("dlopbox_unsendable_paths",
+                                "Paths on the master the watcher cannot send (its last report).", registry=r)
         self.live_viewers = Gauge("dlopbox_live_viewers", "Dashboard tabs connected to the push channel.", registry=r)
         self.live_dropped = Counter("dlopbox_live_dropped_viewers",
                                     "Dashboard tabs dropped for falling too far behind (they reconnect).", registry=r)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from types import EllipsisType
 from typing import IO, Any
 
 import pymongo
@@ -42,6 +43,7 @@ from .commit import Committed, Committer
 from .eventlog import EventLog
 from .journal import JournalKeeper
 from .manifest import snapshot
+from .master import MasterReport, MasterReports
 from .metrics import Metrics
 from .recovery import recover
 from .sequence import Sequence
@@ -68,6 +70,7 @@ class Ingest:
                                    self.ready)
         self.keeper = JournalKeeper(settings, metrics, self.sequence, self.eventlog, self.amqp, self.log_lock,
                                     self.closing)
+        self.masters = MasterReports(self.eventlog, metrics, settings.backend_timeout)
 
     # -- lifetime ----------------------------------------------------------------------------
 
@@ -104,6 +107,7 @@ class Ingest:
     async def _open(self) -> None:
         await self.eventlog.ping()
         await self.eventlog.ensure_indexes()
+        await self.masters.last()  # the gauge says what the last report said, before the watcher reports again
         await self.amqp.open()
         self.keeper.resume(await recover(self.eventlog, self.amqp, self.sequence, self.settings.backend_timeout))
 
@@ -134,9 +138,16 @@ class Ingest:
     async def events_since(self, since: int, prefix: str | None, limit: int) -> list[dict[str, Any]]:
         return await self.eventlog.events_since(since, prefix, limit)
 
-    async def set_progress(self, client_id: str, seq: int) -> None:
+    async def set_progress(self, client_id: str, seq: int, local_differences: int | None | EllipsisType = ...
+                           ) -> None:
         with pymongo.timeout(self.settings.backend_timeout):
-            await self.eventlog.set_progress(client_id, seq)
+            await self.eventlog.set_progress(client_id, seq, local_differences)
+
+    async def set_master(self, body: Any) -> MasterReport:
+        return await self.masters.store(body)
+
+    async def master(self) -> MasterReport | None:
+        return await self.masters.last()
 
     async def client_progress(self) -> tuple[int, list[dict[str, Any]]]:
         """The head, and every client's reported progress by client id."""

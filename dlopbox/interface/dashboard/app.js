@@ -283,7 +283,8 @@ async function readMaster() {
   const m = await r.json();
   $("m-dirs").textContent = `${m.watched_dirs} directories`;
   $("m-rescans").textContent = m.rescans;
-  $("m-unsendable").textContent = m.unsendable.length ? `${m.unsendable.length}` : "none";
+  const total = m.unsendable_total ?? m.unsendable.length;
+  $("m-unsendable").textContent = total ? `${total}` : "none";
   list.replaceChildren(...m.unsendable.slice(0, 20).map((u) => el("li", {}, `${u.path}: ${u.reason}`)));
 }
 

@@ -20,6 +20,10 @@ MAX_PATH_BYTES = 4096
 RESERVED_PREFIX = ".dlopbox"
 
 
+#: Why a reserved name is never synced, as the watcher lists it.
+RESERVED_REASON = f"names starting with {RESERVED_PREFIX} are reserved for dlopbox"
+
+
 class UnsafePathError(ValueError):
     """A path that dlopbox refuses to read, write or transmit."""
 
@@ -40,8 +44,8 @@ def check_relpath(path: object) -> str:
         raise UnsafePathError("path contains a NUL byte")
     try:
         encoded = path.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise UnsafePathError(f"path is not valid UTF-8: {exc.reason}") from None
+    except UnicodeEncodeError:
+        raise UnsafePathError("path is not valid UTF-8") from None
     if len(encoded) > MAX_PATH_BYTES:
         raise UnsafePathError(f"path is {len(encoded)} bytes, over the {MAX_PATH_BYTES}-byte limit")
     if path.startswith("/"):

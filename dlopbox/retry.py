@@ -29,7 +29,9 @@ class Backoff:
             await asyncio.sleep(delay)
             return True
         try:
-            await asyncio.wait_for(self.stop.wait(), delay)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that lands as it ends.
+            async with asyncio.timeout(delay):
+                await self.stop.wait()
         except TimeoutError:
             return True
         return False

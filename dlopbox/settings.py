@@ -129,6 +129,8 @@ class ClientSettings(_FromEnv):
     prefetch: int = setting(32, "DLOPBOX_PREFETCH", "Unacknowledged AMQP messages held at once (backpressure).")
     downloads: int = setting(4, "DLOPBOX_DOWNLOADS", "Files downloaded concurrently.")
     chunk_bytes: int = setting(1024 * 1024, "DLOPBOX_CHUNK_BYTES", "Read and write size while streaming a download.")
+    local_changes: str = setting("revert", "DLOPBOX_LOCAL_CHANGES", "What becomes of a change made in the slave's directory by anything but dlopbox: `revert` undoes it within a second, `keep` leaves it and reports it.")
+    audit_interval: float = setting(600.0, "DLOPBOX_AUDIT_INTERVAL", "Seconds between two audits of the slave's directory against what the client installed (also done at start; 0: only at start).")
 
 
 SERVICES: dict[str, type[_FromEnv]] = {

@@ -30,7 +30,14 @@ from .events import (
     block_count,
     blocks_digest,
 )
-from .paths import UnsafePathError, ancestors, check_relpath, is_reserved, parent_of
+from .paths import (
+    RESERVED_REASON,
+    UnsafePathError,
+    ancestors,
+    check_relpath,
+    is_reserved,
+    parent_of,
+)
 
 HASH_CHUNK = 1024 * 1024
 #: The SHA-256 of an all-zero block: such a block is a hole, never read nor sent.
@@ -302,12 +309,15 @@ class Tree:
 
 
 def scan(root: str | os.PathLike[str], ignore: Ignore | None = None, previous: Tree | None = None,
-         hash_files: bool = True) -> Tree:
+         hash_files: bool = True, skipped: dict[str, str] | None = None) -> Tree:
     """Walk ``root`` without following links and return its tree (blocking: run in a thread).
 
     Symlinks, sockets, FIFOs and devices are skipped, never followed. A file whose size and
-    mtime match ``previous`` keeps its known digest instead of being hashed again.
+    mtime match ``previous`` keeps its known digest instead of being hashed again. What could
+    not be taken (an unsafe or reserved name, a file or directory it may not read) is put in
+    ``skipped``, path -> why, when given.
     """
+    skip = skipped if skipped is not None else {}
     ignore = ignore or Ignore()
     root_path = Path(root)
     tree = Tree()
@@ -316,17 +326,27 @@ def scan(root: str | os.PathLike[str], ignore: Ignore | None = None, previous: T
         rel_dir = stack.pop()
         try:
             it = os.scandir(root_path / rel_dir if rel_dir else root_path)
-        except (FileNotFoundError, NotADirectoryError, PermissionError):
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as exc:  # EACCES, or too long for the kernel (ENAMETOOLONG); "" is the root itself
+            skip[rel_dir] = f"cannot list it: {exc.strerror or type(exc).__name__}"
             continue
         with it:
             for item in it:
-                if ignore(item.name):
-                    continue
                 rel = f"{rel_dir}/{item.name}" if rel_dir else item.name
+                if ignore(item.name):
+                    if is_reserved(item.name):
+                        skip[rel] = RESERVED_REASON
+                    continue
                 try:
                     check_relpath(rel)
                     st = item.stat(follow_symlinks=False)
-                except (UnsafePathError, OSError):  # gone, or too long for the kernel (ENAMETOOLONG)
+                except UnsafePathError as exc:
+                    skip[rel] = str(exc)
+                    continue
+                except OSError as exc:  # gone, or too long for the kernel
+                    if exc.errno == errno.ENAMETOOLONG:
+                        skip[rel] = f"cannot read it: {exc.strerror}"
                     continue
                 if stat.S_ISDIR(st.st_mode):
                     tree.entries[rel] = entry_from_stat(rel, st)
@@ -339,7 +359,10 @@ def scan(root: str | os.PathLike[str], ignore: Ignore | None = None, previous: T
                     if digest is None and hash_files:
                         try:
                             digest, blocks = _scanned_version(item.path, st)
-                        except (FileNotFoundError, PermissionError, OSError, Changed):
+                        except PermissionError as exc:
+                            skip[rel] = f"cannot read it: {exc.strerror}"
+                            continue
+                        except (OSError, Changed):
                             continue
                     tree.entries[rel] = entry_from_stat(rel, st, digest, blocks=blocks)
     return tree

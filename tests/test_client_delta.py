@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 
 from dlopbox.client.apply import Applier
-from dlopbox.client.blocks import BlockIndex
+from dlopbox.client.blocks import BlockIndex, LocalSources
 from dlopbox.client.download import Downloader, FileVersion, StaleContent
 from dlopbox.events import BLOCK_SIZE, Event, Op
 from dlopbox.paths import url_path
@@ -231,3 +231,57 @@ async def test_the_client_service_builds_a_copy_from_local_blocks_without_nginx(
         await m.publish(m.write("e/orig.bin", bytes(data)))
         await wait_equal(shared_dir, target)
         assert not leftovers(target, state_too=False)
+
+
+async def test_a_copy_still_as_installed_lends_its_blocks_without_hashing_them_again(downloader, shared_dir, slave):
+    data = bytearray(random_blocks(16, 1234))
+    (shared_dir / "f.bin").write_bytes(data)
+    await install(downloader, shared_dir, slave, "f.bin")
+    data[7 * MiB:7 * MiB + 4] = b"edit"
+    (shared_dir / "f.bin").write_bytes(data)
+    assert await install(downloader, shared_dir, slave, "f.bin") == MiB
+    assert downloader.counters.blocks["unhashed"] == 16
+    # The version just assembled is trusted in turn, and so is a copy of it under another name.
+    (shared_dir / "copy.bin").write_bytes(data)
+    assert await install(downloader, shared_dir, slave, "copy.bin") == 0
+    assert downloader.counters.blocks["unhashed"] == 16 + 17
+
+
+async def test_a_tampered_copy_whose_size_and_mtime_were_put_back_is_hashed_and_repaired(downloader, shared_dir, slave):
+    data = bytearray(random_blocks(8))
+    (shared_dir / "f.bin").write_bytes(data)
+    await install(downloader, shared_dir, slave, "f.bin")
+    with open(slave / "f.bin", "r+b") as f:
+        f.seek(2 * MiB + 10)
+        f.write(b"tampered")
+    os.utime(slave / "f.bin", ns=(MTIME, MTIME))  # size and mtime as installed: only the ctime tells
+    data[5 * MiB:5 * MiB + 4] = b"edit"
+    (shared_dir / "f.bin").write_bytes(data)
+    assert await install(downloader, shared_dir, slave, "f.bin") == 2 * MiB
+    assert downloader.counters.blocks["unhashed"] == 0
+
+
+def test_blocks_copied_unhashed_from_a_file_written_meanwhile_are_given_back(slave: Path):
+    path = slave / "f.bin"
+    path.write_bytes(random_blocks(4))
+    _, blocks = file_version(path)
+    index = BlockIndex(slave)
+    try:
+        index.put("f.bin", blocks.hashes, verified=path.stat())
+        sources = LocalSources(slave, index)
+        fd = sources.open("f.bin")
+        assert sources.read(fd, 0, MiB, blocks.hashes[0]) is not None
+        assert sources.read(fd, 3, MiB, blocks.hashes[1], at=1) is not None
+        assert sources.written_meanwhile() == []
+        with open(path, "r+b") as f:
+            f.write(b"x")
+        assert sources.written_meanwhile() == [0, 3]
+        sources.close()
+        assert index.verified_blocks("f.bin", path.stat()) is None  # and no longer trusted once reopened
+        index.put("f.bin", file_version(path)[1].hashes, verified=path.stat())
+        assert index.verified_blocks("f.bin", path.stat()) is not None
+        path.rename(slave / "g.bin")  # a rename changes the ctime: hashed again before its blocks are trusted
+        index.move("f.bin", "g.bin", is_dir=False)
+        assert index.verified_blocks("g.bin", (slave / "g.bin").stat()) is None
+    finally:
+        index.close()

@@ -57,6 +57,19 @@ async def test_a_move_then_a_delete_are_followed_to_the_end(finder: FateFinder, 
     assert await finder.fate(write("a", 5)) == Fate(True, "b")
 
 
+async def test_past_the_log_window_a_write_is_watched_and_only_its_patience_asks_about_its_path(
+        finder: FateFinder, interface: FakeInterface, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(fate, "LOG_WINDOW", 10)
+    interface.events = [write(f"other{i}", 5 + i) for i in range(1, 20)] + [Event(Op.DELETE, "f", seq=40)]
+    # The apply path: one read of the window serves every lookup it covers, no query per path.
+    assert await finder.fate(write("f", 5)) == Fate(False, "f")
+    assert await finder.fate(write("g", 6)) == Fate(False, "g")
+    assert interface.events_requests == 1
+    # A write still unexplained past its patience: its own path is asked about (a resync avoided).
+    assert await finder.follow("f", 5) == Fate(True, "f")
+    assert interface.events_requests == 2
+
+
 async def test_nothing_known_leaves_it_where_it_was(finder: FateFinder, interface: FakeInterface):
     finder.recent.extend([write("f", 5), write("other", 6), Event(Op.DELETE, "f", seq=4)])
     assert await finder.fate(write("f", 5)) == Fate(False, "f")

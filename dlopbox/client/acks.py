@@ -11,6 +11,7 @@ import asyncio
 import heapq
 import itertools
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from aio_pika.abc import AbstractIncomingMessage
@@ -31,10 +32,13 @@ PERSIST_EVERY = 0.02
 class Acks:
     """The seqs applied, the seq on disk, and the messages waiting for it to cover them."""
 
-    def __init__(self, target: Path, client_id: str, unsynced: Unsynced, state: ClientState | None) -> None:
+    def __init__(self, target: Path, client_id: str, unsynced: Unsynced, state: ClientState | None,
+                 before_save: Callable[[], None] | None = None) -> None:
         self.target = target
         self.client_id = client_id
         self.unsynced = unsynced
+        #: Blocking, run before each state write: the record of what was installed, written first.
+        self.before_save = before_save
         seq = 0 if state is None else state.seq
         self.applied = seq  # every seq <= applied is reflected in the target
         self.persisted = seq  # the seq on disk; messages up to it are acknowledged
@@ -94,28 +98,38 @@ class Acks:
     def _save(self, seq: int) -> None:
         """The files installed so far made durable, then the seq that claims them (blocking)."""
         self.unsynced.sync()
+        if self.before_save is not None:
+            self.before_save()
         save_state(self.target, ClientState(self.client_id, seq))
 
 
-class ProgressReports:
-    """Tells the interface the seq on disk: every 0.25 s while it moves (the dashboard shows it live), and on stop."""
+#: The count of local differences standing now, None until it is known (see :mod:`.local`).
+DifferenceCount = Callable[[], int | None]
 
-    def __init__(self, api: InterfaceAPI, client_id: str, acks: Acks) -> None:
+
+class ProgressReports:
+    """Tells the interface the seq on disk and the local differences: every 0.25 s while either moves (the
+    dashboard shows them live), and on stop."""
+
+    def __init__(self, api: InterfaceAPI, client_id: str, acks: Acks,
+                 differences: DifferenceCount | None = None) -> None:
         self.api = api
         self.client_id = client_id
         self.acks = acks
+        self.differences = differences
 
     async def loop(self) -> None:
-        reported: int | None = None
+        reported: tuple[int, int | None] | None = None
         failing = False
         while True:
             await asyncio.sleep(REPORT_EVERY)
-            seq = self.acks.persisted  # read once: it may move on while the POST is in flight
-            if seq == reported:
+            # Read once: they may move on while the POST is in flight.
+            now = (self.acks.persisted, self.differences() if self.differences is not None else None)
+            if now == reported:
                 continue
             try:
-                await self.api.report_progress(self.client_id, seq)
-                reported = seq
+                await self._send(*now)
+                reported = now
                 failing = False
             except HTTP_ERRORS as exc:
                 if not failing:
@@ -124,9 +138,16 @@ class ProgressReports:
 
     async def final(self) -> None:
         try:
-            await asyncio.wait_for(self.api.report_progress(self.client_id, self.acks.persisted), 2)
+            async with asyncio.timeout(2):
+                await self._send(self.acks.persisted, self.differences() if self.differences is not None else None)
         except HTTP_ERRORS as exc:
             log.debug("final progress report failed: %s", exc)
+
+    async def _send(self, seq: int, differences: int | None) -> None:
+        if differences is None:
+            await self.api.report_progress(self.client_id, seq)
+        else:
+            await self.api.report_progress(self.client_id, seq, local_differences=differences)
 
 
 async def ack_or_reject(action: object) -> None:

@@ -24,6 +24,7 @@ from ..paths import resolve
 from .blocks import BlockIndex
 from .download import Downloader, FileVersion, StaleContent
 from .fate import FateFinder
+from .installed import InstalledRecord
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +59,13 @@ async def _sleep(path: str, timeout: float) -> None:
 
 class Applier:
     def __init__(self, target: Path, downloader: Downloader, finder: FateFinder | None = None,
-                 news: NewsWaiter = _sleep) -> None:
+                 news: NewsWaiter = _sleep, record: InstalledRecord | None = None) -> None:
         self.target = target
         self.downloader = downloader
         self.finder = finder  # says what became of a write's content on the master since
         self.news = news
+        #: What was installed where, kept as each event leaves the directory (see :mod:`.installed`).
+        self.record = record
 
     async def apply(self, event: Event, *, resync: bool = False) -> Outcome:
         """Apply one event; raises UnsafePathError for a path that would leave the target."""
@@ -92,6 +95,9 @@ class Applier:
         while True:
             try:
                 await self.downloader.install(source, final, version)
+                if self.record is not None:
+                    self.record.file(event.path, version.size, version.mtime_ns, version.mode, version.digest,
+                                     version.blocks)
                 return Outcome.APPLIED
             except StaleContent as exc:
                 if resync or self.finder is None:
@@ -130,17 +136,25 @@ class Applier:
                 return Outcome.RESYNC
             await asyncio.to_thread(_rename_over, src, dst, True)
             await self._moved(event.path, event.dest, True)
+            if self.record is not None:
+                self.record.move(event.path, event.dest)
             return Outcome.APPLIED
         have_it = st is not None and stat.S_ISREG(st.st_mode) and (
             event.size is None or (st.st_size == event.size and st.st_mtime_ns == event.mtime_ns))
         if have_it:
             await asyncio.to_thread(_rename_over, src, dst, False)
             await self._moved(event.path, event.dest, False)
+            if self.record is not None:
+                self.record.move(event.path, event.dest)
             if event.mode is not None and st is not None and stat.S_IMODE(st.st_mode) != event.mode:
                 os.chmod(dst, event.mode)
+                if self.record is not None:
+                    self.record.attributes(event.dest, event.mode, None)
             return Outcome.APPLIED
         if st is not None and not stat.S_ISDIR(st.st_mode):
             os.unlink(src)  # an outdated copy: the master no longer has anything at the source
+        if self.record is not None and (st is None or not stat.S_ISDIR(st.st_mode)):
+            self.record.remove(event.path)
         if event.size is None or event.digest is None or event.mode is None or event.mtime_ns is None:
             log.warning("seq %s: cannot move %s: no up-to-date copy here and no digest to fetch one; will resync",
                         event.seq, event.path)
@@ -163,12 +177,12 @@ class Applier:
         if index is not None and index.paths and (event.path in index.paths or event.is_dir
                                                   or index.partial_path(event.path)[0] in index.paths):
             await asyncio.to_thread(_forget, index, event.path, event.is_dir)
-        if st is None:
-            return Outcome.APPLIED
-        if stat.S_ISDIR(st.st_mode):
+        if st is not None and stat.S_ISDIR(st.st_mode):
             await asyncio.to_thread(shutil.rmtree, final)
-        else:
+        elif st is not None:
             _unlink(final)
+        if self.record is not None:
+            self.record.remove(event.path)
         return Outcome.APPLIED
 
     def mkdir(self, event: Event) -> Outcome:
@@ -182,6 +196,8 @@ class Applier:
             final.parent.mkdir(parents=True, exist_ok=True)
             os.mkdir(final, 0o700)
         os.chmod(final, event.mode)  # a real directory: lstat said so, or it was just made
+        if self.record is not None:
+            self.record.directory(event.path, event.mode)
         return Outcome.APPLIED
 
     def attrib(self, event: Event) -> Outcome:
@@ -202,6 +218,8 @@ class Applier:
             os.chmod(final, event.mode)
         if not event.is_dir and event.mtime_ns is not None and st.st_mtime_ns != event.mtime_ns:
             os.utime(final, ns=(event.mtime_ns, event.mtime_ns), follow_symlinks=False)
+        if self.record is not None:
+            self.record.attributes(event.path, event.mode, None if event.is_dir else event.mtime_ns)
         return Outcome.APPLIED
 
 

@@ -126,7 +126,8 @@ class Consumer:
             deadline = sequencer.gap_deadline
             timeout = None if deadline is None else max(0.0, deadline - loop.time())
             try:
-                item = await asyncio.wait_for(self.inbox.get(), timeout)
+                async with asyncio.timeout(timeout):  # not wait_for, which can swallow a cancellation on 3.11
+                    item = await self.inbox.get()
             except TimeoutError:
                 log.warning("seq %d..%d never arrived; repairing the gap from the manifest",
                             sequencer.dispatched + 1, sequencer.first_held - 1)
@@ -148,7 +149,8 @@ class Consumer:
             return
         for tag in self._tags:
             try:
-                await asyncio.wait_for(queue.cancel(tag), 2)
+                async with asyncio.timeout(2):
+                    await queue.cancel(tag)
             except AMQP_ERRORS as exc:
                 log.debug("cancelling the consumer: %s", exc)
         self._tags.clear()

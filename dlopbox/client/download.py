@@ -74,8 +74,10 @@ class FileVersion:
 class Counters:
     files: int = 0
     bytes: int = 0  #: received from nginx
-    #: blocks of assembled files: left a hole, copied from the file's old copy, from another local file, fetched
-    blocks: dict[str, int] = field(default_factory=lambda: {"hole": 0, "same file": 0, "other file": 0, "fetched": 0})
+    #: blocks of assembled files: left a hole, copied from the file's old copy, from another local file, fetched;
+    #: "unhashed": of those copied, how many came from a file still as installed, without hashing them again
+    blocks: dict[str, int] = field(default_factory=lambda: {"hole": 0, "same file": 0, "other file": 0, "fetched": 0,
+                                                            "unhashed": 0})
 
 
 class Downloader:
@@ -107,9 +109,10 @@ class Downloader:
             await self._seal(_TempFile(final, self.unsynced), [], version)
         else:
             # Nothing there (the common case): no thread hop; a file there is hashed in a thread.
-            if lstat_or_none(final) is not None and await asyncio.to_thread(_already_there, final, version):
+            if (st := lstat_or_none(final)) is not None and await asyncio.to_thread(_already_there, final, version):
                 if version.blocks is not None and self.index is not None:
-                    await asyncio.to_thread(self.index.put, self._rel(final), version.blocks.hashes)
+                    # Hashed whole just now: the stat taken before is the signature of those blocks.
+                    await asyncio.to_thread(self.index.put, self._rel(final), version.blocks.hashes, st)
                 return
             async with self.slots:
                 # Retried while holding the slot: when nginx is down, only `downloads` requests are
@@ -491,10 +494,11 @@ class _BlockFile(_TempFile):
         _replace(self.path, self.final)
         self.installed = True
         fd, self.fd = self.fd, None
+        installed = os.fstat(fd)  # after the rename, which changes the ctime
         self.unsynced.add(fd, self.final.parent)
         if index is not None:
             rel = self.final.relative_to(index.target).as_posix()
-            index.put(rel, written)
+            index.put(rel, written, verified=installed)
             index.drop_partial(rel)
 
     def keep(self, index: BlockIndex | None, written: list[str | None]) -> None:

@@ -54,21 +54,28 @@ class FateFinder:
         self._log_window_lock = asyncio.Lock()
 
     async def fate(self, event: Event) -> Fate:
-        """Follow ``event.path`` through the later events held here, then those the interface logged."""
+        """Follow ``event.path`` through the later events held here, then the window of the log.
+
+        Not the log path by path: in a burst whose files are deleted as fast as they are written,
+        every slave would ask once per file, and those queries saturated MongoDB (seconds each, the
+        interface's own writes timing out). An unexplained write is watched instead; the queue
+        brings its explanation, and :class:`UnexplainedWrites` asks about its path if it does not.
+        """
         assert event.seq is not None
-        return await self.follow(event.path, event.seq)
+        return await self.follow(event.path, event.seq, ask_path=False)
 
     def explained_recently(self, path: str, seq: int) -> bool:
         """Whether an event dispatched after ``seq`` accounts for the bytes at ``path`` being gone."""
         return any(later.seq is not None and later.seq > seq and _explains(later, path) for later in self.recent)
 
-    async def follow(self, path: str, after: int) -> Fate:
+    async def follow(self, path: str, after: int, ask_path: bool = True) -> Fate:
+        """Where ``path`` went after seq ``after``; ``ask_path``: past the log's window, ask about it alone."""
         while True:
             # Every event dispatched lately, applied or still pending, then the interface's log.
             effect, cause = _first_effect(path, self.recent, after)
             if effect is None:
                 try:
-                    effect, cause = await self._logged_effect(path, after)
+                    effect, cause = await self._logged_effect(path, after, ask_path)
                 except HTTP_ERRORS as exc:
                     log.debug("cannot ask the interface about %r: %s", path, exc)
             if effect is None:
@@ -78,13 +85,13 @@ class FateFinder:
             assert isinstance(effect, str) and cause is not None and cause.seq is not None
             path, after = effect, cause.seq
 
-    async def _logged_effect(self, path: str, after: int) -> tuple[object, Event | None]:
+    async def _logged_effect(self, path: str, after: int, ask_path: bool) -> tuple[object, Event | None]:
         """What the interface's log says happened to ``path`` after ``after`` (see :func:`_first_effect`).
 
         One window of the log serves every lookup it covers: a client replaying a backlog asks about
         many writes at once. It is read again once it is older than LOG_WINDOW_FRESH (when it held the
         whole log) or when a lookup starts past its end (when it did not); a lookup it cannot answer
-        asks about its path alone, as every lookup did before.
+        asks about its path alone (``ask_path``), or is answered "nothing known yet".
         """
         async with self._log_window_lock:  # concurrent lookups share one read
             now = asyncio.get_running_loop().time()
@@ -93,7 +100,7 @@ class FateFinder:
                     or (not window.full and now - window.read_at >= LOG_WINDOW_FRESH)):
                 window = self._log_window = _LogWindow(after, now, await self.api.events_since(after, limit=LOG_WINDOW))
             effect, cause = _first_effect(path, window.events, after)
-            if effect is not None or not window.full:
+            if effect is not None or not window.full or not ask_path:
                 return effect, cause  # found, or the whole log holds nothing about it yet
         logged = await self.api.events_since(after, prefix=path, limit=100)
         return _first_effect(path, logged, after)

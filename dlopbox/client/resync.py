@@ -25,6 +25,7 @@ from ..retry import Backoff
 from ..tree import Tree, diff, scan
 from .apply import Applier, Outcome
 from .download import Downloader
+from .installed import Installed, InstalledRecord
 from .progress import Progress
 from .schedule import Job, PathScheduler
 from .state import STATE_DIR
@@ -46,12 +47,14 @@ class _Tally:
 
 class Resync:
     def __init__(self, target: Path, api: InterfaceAPI, applier: Applier, downloader: Downloader,
-                 scheduler: PathScheduler) -> None:
+                 scheduler: PathScheduler, record: InstalledRecord | None = None) -> None:
         self.target = target
         self.api = api
         self.applier = applier
         self.downloader = downloader
         self.scheduler = scheduler
+        #: Made equal to the manifest too: what the directory holds now is what was installed.
+        self.record = record
 
     async def run(self, at_least: int) -> int:
         """Make the target equal to a manifest at seq >= ``at_least``; return that seq."""
@@ -67,9 +70,11 @@ class Resync:
             with progress:
                 batches = read_spooled_entries(spool)
                 seen = 0
+                paths: set[str] = set()
                 while (batch := await asyncio.to_thread(next, batches, None)) is not None:
                     for want in batch:
                         seen += 1
+                        paths.add(want.path)
                         await self._converge(local, want, tally, progress)
                 # What the master no longer has goes last, each removed subtree as one rmdir.
                 for event in diff(local, Tree()):
@@ -77,8 +82,12 @@ class Resync:
                 await self.scheduler.drain()
             if seen != count:
                 raise APIError(f"manifest announced {count} entries but sent {seen}")
+        if self.record is not None:
+            self.record.retain(paths)
         if tally.failures:
             raise ResyncFailed(f"{tally.failures} of {tally.changes} changes failed")
+        if self.record is not None and not self.record.complete:
+            self.record.mark_complete()
         log.info("resync: done, %d changes applied; now at seq %d", tally.changes, seq)
         return seq
 
@@ -100,13 +109,30 @@ class Resync:
         if have is not None and have.is_dir and not want.is_dir:
             for below in list(local.below(want.path)):  # removed with it by the rmdir below
                 del local.entries[below]
-        for event in diff(Tree([have]) if have is not None else Tree(), Tree([want])):
+        events = diff(Tree([have]) if have is not None else Tree(), Tree([want]))
+        if not events:
+            self._record(want)  # equal here already (size and mtime): installed as it stands
+        for event in events:
             if event.op is Op.WRITE:
                 progress.total_files += 1
                 progress.total_bytes += event.size or 0
-            await self._submit(event, tally)
+            await self._submit(event, tally, want if event.op is Op.ATTRIB else None)
 
-    async def _submit(self, event: Event, tally: _Tally) -> None:
+    def _record(self, entry: Entry) -> None:
+        if self.record is None:
+            return
+        if entry.is_dir:
+            assert entry.mode is not None
+            if self.record.get(entry.path) != Installed(True, entry.mode):
+                self.record.directory(entry.path, entry.mode)
+        elif entry.digest is not None and entry.size is not None and entry.mtime_ns is not None and entry.mode is not None:
+            old = self.record.get(entry.path)
+            if old is None or (old.is_dir, old.size, old.mtime_ns, old.mode, old.digest) != (
+                    False, entry.size, entry.mtime_ns, entry.mode, entry.digest):
+                self.record.file(entry.path, entry.size, entry.mtime_ns, entry.mode, entry.digest, entry.blocks)
+
+    async def _submit(self, event: Event, tally: _Tally, then_record: Entry | None = None) -> None:
+        """Apply ``event`` as a job; once it is applied, ``then_record`` is what stands at its path."""
         tally.changes += 1
 
         async def run(job: Job) -> None:
@@ -124,6 +150,8 @@ class Resync:
             else:
                 if outcome is Outcome.RESYNC:
                     tally.failures += 1
+                elif outcome is Outcome.APPLIED and then_record is not None:
+                    self._record(then_record)
 
         await self.scheduler.submit(event, run)
 

@@ -52,6 +52,12 @@ class PathScheduler:
         if self._listeners:
             self._notify(event)
 
+    def busy(self, path: str) -> bool:
+        """Whether a job pending here touches ``path``, an ancestor of it, or something below it."""
+        if not self._jobs:
+            return False
+        return self._below.get(path, 0) > 0 or any(p in self._by_path for p in (path, *ancestors(path)))
+
     async def wait_for_news(self, path: str, timeout: float) -> None:
         """Sleep up to ``timeout``, less if an event touching ``path`` or an ancestor is submitted meanwhile."""
         news = asyncio.get_running_loop().create_future()

@@ -42,6 +42,7 @@ def settings_env(settings: ClientSettings) -> dict[str, str]:
         "DLOPBOX_FILES_URL": settings.files_url, "DLOPBOX_INTERFACE_URL": settings.interface_url,
         "DLOPBOX_READ_TOKEN": settings.read_token, "DLOPBOX_PREFETCH": str(settings.prefetch),
         "DLOPBOX_DOWNLOADS": str(settings.downloads), "DLOPBOX_CHUNK_BYTES": str(settings.chunk_bytes),
+        "DLOPBOX_LOCAL_CHANGES": settings.local_changes, "DLOPBOX_AUDIT_INTERVAL": str(settings.audit_interval),
     }
 
 

@@ -37,6 +37,7 @@ class FakeInterface:
         self.manifest_seq: int | None = None  # None: the head
         self.events: list[Event] = []
         self.progress: dict[str, int] = {}
+        self.local_differences: dict[str, int] = {}  # the last count each client reported
         self.last_seen: dict[str, float] = {}
         self.manifest_requests = 0
         self.events_requests = 0
@@ -100,6 +101,8 @@ class FakeInterface:
     async def _progress(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.progress[request.match_info["id"]] = int(body["seq"])
+        if "local_differences" in body:
+            self.local_differences[request.match_info["id"]] = int(body["local_differences"])
         self.last_seen[request.match_info["id"]] = time.time()
         return web.Response(status=204)
 

@@ -1,6 +1,6 @@
 """A stand-in for the interface's write side, for the watcher's tests.
 
-It answers POST /events and GET /manifest as the README's protocol says: it numbers the
+It answers POST /events, GET /manifest and PUT /master as the README's protocol says: it numbers the
 events of each batch with its own gap-free seqs, is idempotent on ``batch_id``, keeps the
 tree that applying every received event gives, and serves that tree as the NDJSON manifest.
 It can be told to answer 503, or be taken down (no listener, connections closed) and
@@ -37,6 +37,8 @@ class Receiver:
         self.status: int | None = None  # answer this to everything instead (e.g. 503)
         self.max_events: int | None = None  # answer 413 to larger batches
         self.refuse: set[str] = set()  # answer 400 naming the first event with one of these paths
+        self.master_reports: list[dict[str, object]] = []  # every PUT /master body, in order
+        self.master_status: int | None = None  # answer this to PUT /master only (e.g. 500)
         self.seq = 0
         self.port = 0
         self._runner: web.AppRunner | None = None
@@ -57,6 +59,7 @@ class Receiver:
         app = web.Application()
         app.router.add_post("/events", self._post_events)
         app.router.add_get("/manifest", self._get_manifest)
+        app.router.add_put("/master", self._put_master)
         self._runner = web.AppRunner(app, shutdown_timeout=0.5, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
@@ -101,6 +104,20 @@ class Receiver:
                   "logged": len(batch.events)}
         self.answers[batch.batch_id] = answer
         return web.json_response(answer)
+
+    async def _put_master(self, request: web.Request) -> web.Response:
+        status = self.status or self.master_status
+        if status is not None:
+            return web.json_response({"error": "unavailable"}, status=status)
+        if not self._authorized(request):
+            return web.json_response({"error": "unauthorized"}, status=401)
+        self.master_reports.append(await request.json())
+        return web.Response(status=204)
+
+    @property
+    def master(self) -> dict[str, object] | None:
+        """The last report the watcher PUT, if any."""
+        return self.master_reports[-1] if self.master_reports else None
 
     async def _get_manifest(self, request: web.Request) -> web.StreamResponse:
         self.manifests += 1

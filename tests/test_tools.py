@@ -9,11 +9,23 @@ import shutil
 import sys
 from datetime import datetime, timezone
 
+import aiohttp
+import pytest
+
 from dlopbox.settings import ClientSettings
 from dlopbox.tools.status import status
 from dlopbox.tools.verify import verify
 from tests.support.client_harness import REPO
 from tests.support.fake_interface import FakeInterface
+from tests.support.interface_harness import (
+    READ,
+    READ_TOKEN,
+    WRITE,
+    post_batch,
+    running,
+    settings_for,
+    write_event,
+)
 
 
 async def run_cli(*args: str) -> tuple[int, str]:
@@ -88,11 +100,46 @@ async def test_status_shows_each_client_with_its_lag(shared_dir):
         out = io.StringIO()
         assert await status(ClientSettings(interface_url=url, read_token=fake.token), out) == 0
         lines = out.getvalue().splitlines()
-        assert lines[0].split() == ["CLIENT", "SEQ", "LAG", "LAST", "SEEN"]
-        assert lines[1].split()[:3] == ["kiosk-2", "57", "63"] and "(10m ago)" in lines[1]
-        assert lines[2].split()[:3] == ["laptop", "120", "0"] and "s ago)" in lines[2]
-        assert lines[-1] == "head seq: 120, 2 client(s)"
+        assert lines[0].split() == ["CLIENT", "SEQ", "LAG", "LOCAL", "STATE", "LAST", "SEEN"]
+        assert lines[1].split()[:5] == ["kiosk-2", "57", "63", "-", "syncing"] and "(10m ago)" in lines[1]
+        # At the head, but nothing said of its directory: not claimed "in sync".
+        assert lines[2].split()[:6] == ["laptop", "120", "0", "-", "caught", "up"] and "s ago)" in lines[2]
+        assert lines[-2:] == ["head seq: 120, 2 client(s)", "master: not reported"]
         code, stdout = await run_cli("status", "--interface-url", url, "--read-token", fake.token)
         assert code == 0 and "kiosk-2" in stdout and "head seq: 120" in stdout, stdout
     finally:
         await fake.stop()
+
+
+@pytest.mark.usefixtures("clean_journal")
+async def test_status_shows_local_differences_and_the_masters_report(rabbit, mongo, mongo_db, unique):
+    async with running(settings_for(rabbit, mongo, mongo_db)) as svc, aiohttp.ClientSession() as http:
+        status_code, _ = await post_batch(http, svc.url, [write_event(f"f{i}") for i in range(5)])
+        assert status_code == 200
+        reports = {f"{unique}-edited": {"seq": 5, "local_differences": 3}, f"{unique}-mirror": {"seq": 5,
+                   "local_differences": 0}, f"{unique}-behind": {"seq": 2, "local_differences": 0},
+                   f"{unique}-old": {"seq": 5}}
+        for client_id, body in reports.items():
+            async with http.post(f"{svc.url}/clients/{client_id}/progress", json=body, headers=READ) as r:
+                assert r.status == 204
+        settings = ClientSettings(interface_url=svc.url, read_token=READ_TOKEN)
+        out = io.StringIO()
+        assert await status(settings, out) == 0
+        text = out.getvalue()
+        rows = {line.split()[0]: line.split() for line in text.splitlines()[1:] if line.startswith(unique)}
+        assert rows[f"{unique}-edited"][1:5] == ["5", "0", "3", "local"]  # lag 0 is not a faithful mirror
+        assert rows[f"{unique}-mirror"][1:6] == ["5", "0", "0", "in", "sync"]
+        assert rows[f"{unique}-behind"][1:5] == ["2", "3", "0", "syncing"]
+        assert rows[f"{unique}-old"][1:6] == ["5", "0", "-", "caught", "up"]
+        assert text.rstrip().endswith("master: not reported")
+
+        unsendable = [{"path": f"bad\\x{i:02x}.txt", "reason": "path is not valid UTF-8"} for i in range(25)]
+        async with http.put(svc.url + "/master", headers=WRITE, json={"watched_dirs": 4, "rescans": 1,
+                                                                      "unsendable": unsendable}) as r:
+            assert r.status == 204
+        code, stdout = await run_cli("status", "--interface-url", svc.url, "--read-token", READ_TOKEN)
+        assert code == 0, stdout
+        tail = stdout.rstrip().splitlines()[-22:]
+        assert tail[0].startswith("master: 4 watched dirs, 1 rescans, 25 unsendable path(s), reported "), tail
+        assert tail[1] == "  bad\\x00.txt: path is not valid UTF-8" and tail[20] == "  bad\\x13.txt: path is not valid UTF-8"
+        assert tail[21] == "  ... and 5 more"

@@ -95,6 +95,6 @@ async def test_status_watch_redraws_in_place_until_stopped(shared_dir):
                          10, "the redraw showing the new seq")
         stop.set()
         assert await asyncio.wait_for(watcher, 5) == 0
-        assert last_frame(out).splitlines()[0].split() == ["CLIENT", "SEQ", "LAG", "LAST", "SEEN"]
+        assert last_frame(out).splitlines()[0].split() == ["CLIENT", "SEQ", "LAG", "LOCAL", "STATE", "LAST", "SEEN"]
     finally:
         await fake.stop()

@@ -46,7 +46,8 @@ async def log(settings: ClientSettings, prefix: str | None = None, since: int = 
                 if not follow:
                     return 0
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), FOLLOW_EVERY)
+                    async with asyncio.timeout(FOLLOW_EVERY):
+                        await stop.wait()
     except HTTP_ERRORS as exc:
         print(f"dlopbox log: {settings.interface_url}: {exc}", file=sys.stderr)
         return 2

@@ -12,7 +12,7 @@ import pytest
 
 from dlopbox import broker
 from tests.support.fake_interface import FakeInterface, FakeMaster
-from tests.support.pipeline_harness import InterfaceProcess
+from tests.support.pipeline_harness import InterfaceProcess, Pipeline
 from tests.support.receiver import Receiver
 from tests.support.services import NginxServer, RabbitNode, SecantusNode
 
@@ -137,3 +137,19 @@ def root(tmp_path: Path) -> Path:
     path = tmp_path / "master"
     path.mkdir()
     return path
+
+
+@pytest.fixture
+def pipeline(rabbit: RabbitNode, mongo: SecantusNode, unique: str, nginx: NginxServer, shared_dir: Path,
+             client_queues: list[str], clean_journal: None, tmp_path: Path) -> Iterator[Pipeline]:
+    """The whole system on this host (tests/support/pipeline_harness.py), its logs printed at the end.
+
+    Its database is a fresh one, left in place afterwards: SecantusDB drops a database of thousands
+    of rows key by key under its global lock, which stalls the next test's interface for tens of seconds.
+    """
+    p = Pipeline(tmp_path / "system", rabbit, mongo, unique, nginx, shared_dir, client_queues)
+    yield p
+    try:
+        p.stop()
+    finally:
+        print(p.logs()[-20000:])

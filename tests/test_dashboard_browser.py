@@ -8,11 +8,8 @@ $DLOPBOX_SCREENSHOTS (docs/ holds the ones the README shows).
 
 from __future__ import annotations
 
-import json
 import os
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -43,16 +40,6 @@ def no_selenium_manager(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def pipeline(rabbit, mongo, unique, nginx, shared_dir, client_queues, clean_journal, tmp_path):
-    p = Pipeline(tmp_path / "system", rabbit, mongo, unique, nginx, shared_dir, client_queues)
-    yield p
-    try:
-        p.stop()
-    finally:
-        print(p.logs()[-20000:])
-
-
-@pytest.fixture
 def shots(tmp_path: Path) -> Path:
     out = Path(os.environ.get("DLOPBOX_SCREENSHOTS") or tmp_path / "screenshots")
     out.mkdir(parents=True, exist_ok=True)
@@ -71,22 +58,6 @@ async def sign_in(driver: WebDriver, url: str, token: str) -> None:
     field = driver.find_element(By.ID, "token")
     field.clear()
     field.send_keys(token, Keys.ENTER)
-
-
-def report_master(url: str) -> bool:
-    """PUT /master as the watcher would, where the interface has that route (another part of the system)."""
-    body = json.dumps({"watched_dirs": 7, "rescans": 1,
-                       "unsendable": [{"path": "docs/broken.txt", "reason": "permission denied", "since": time.time()}]})
-    request = urllib.request.Request(url + "/master", data=body.encode(), method="PUT",
-                                     headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as r:
-            return r.status in (200, 204)
-    except urllib.error.HTTPError as exc:
-        exc.close()
-        if exc.code in (404, 405):
-            return False
-        raise
 
 
 def rows(driver: WebDriver, body_id: str) -> list[dict[str, str]]:
@@ -174,10 +145,11 @@ async def test_the_dashboard_shows_the_master_every_slave_and_the_history(pipeli
         assert feed_after < LIVE_WITHIN and slaves_after < LIVE_WITHIN, (feed_after, slaves_after)
         assert (p.slaves[0] / "docs" / "report.txt").read_bytes() == b"quarterly numbers\n" * 100
         await eventually(lambda: text(driver, "m-rate") != "0", 5, "events per minute")
-        assert text(driver, "m-dirs") == "not reported"  # until the watcher reports (PUT /master)
-        if report_master(p.interface.url):
-            await eventually(lambda: text(driver, "m-dirs") == "7 directories", 10, "the master's report")
-            assert "docs/broken.txt: permission denied" in text(driver, "m-unsendable-list")
+        # The watcher's own report (PUT /master): what it watches, and a name it cannot send.
+        (p.master / "docs" / os.fsdecode(b"broken\xff.txt")).write_bytes(b"not UTF-8")
+        await eventually(lambda: text(driver, "m-unsendable") == "1", 10, "the master's report in its panel")
+        assert text(driver, "m-dirs") == "2 directories" and text(driver, "m-rescans") == "0"
+        assert "docs/broken\\xff.txt: path is not valid UTF-8" in text(driver, "m-unsendable-list")
         assert "docs/report.txt" in text(driver, "m-last")
         driver.save_screenshot(str(shots / "dashboard.png"))
 

@@ -11,6 +11,9 @@ W6-W9 report the bytes each slave received (dlopbox: from nginx's access log; ls
 count of what it transferred) and are also run with rsync's delta algorithm forced (--no-whole-file).
 During every workload a sampler reads the slaves and counts files seen under their final name with
 content the master never had complete.
+With --link RATE the whole bench runs in a network namespace whose loopback is shaped to RATE, so
+the bytes each system sends cost the time they would between machines; lsyncd then sends through
+an rsync daemon.
 """
 
 from __future__ import annotations
@@ -252,6 +255,7 @@ MiB = 2**20
 async def timed_change(mirror: Mirror, change: Callable[[], None], rel: str) -> tuple[float, list[int]]:
     """Run ``change``; the time from its end until every slave has the file, and the bytes each slave received."""
     before = mirror.received()
+    await asyncio.to_thread(os.sync)  # the previous workload's writeback (1 GiB for 4 slaves) does not land on this one
     await asyncio.to_thread(change)
     closed = time.time()
     done = await wait_stat_then_digest(mirror.targets, mirror.master / rel, rel)
@@ -373,7 +377,7 @@ DELTA_TARGETS = {"W6": ("≤ 0.2 × lsyncd", "≤ 2 MiB"), "W7": ("≤ 0.2 × ls
 
 
 async def bench(kinds: list[str], scaling: list[int], main_clients: int, workdir: Path,
-                delta_workloads: bool = True, classic: bool = True) -> list[Measure]:
+                delta_workloads: bool = True, classic: bool = True, network: bool = False) -> list[Measure]:
     measures: dict[tuple[str, str], Measure] = {}
 
     def put(workload: str, metric: str, unit: str, kind: str, value: float, target: str = "") -> None:
@@ -385,7 +389,8 @@ async def bench(kinds: list[str], scaling: list[int], main_clients: int, workdir
             if kind == "lsyncd-delta" and clients != main_clients:
                 continue  # rsync's delta algorithm only matters for W6-W9
             path = workdir / f"{kind}-{clients}"
-            mirror = DlopboxMirror(path, clients) if kind == "dlopbox" else LsyncdMirror(path, clients, kind == "lsyncd-delta")
+            mirror = (DlopboxMirror(path, clients) if kind == "dlopbox"
+                      else LsyncdMirror(path, clients, kind == "lsyncd-delta", network))
             os.sync()  # what the previous configuration wrote does not land on this one
             conditions = f"load average {loadavg()}; {create_cost(workdir / f'create-probe-{kind}-{clients}')}"
             print(f"== {kind} with {clients} slave(s); {conditions}", flush=True)
@@ -437,6 +442,26 @@ async def bench(kinds: list[str], scaling: list[int], main_clients: int, workdir
     return list(measures.values())
 
 
+#: Set in the bench re-run inside its namespace: the link it runs over.
+LINK_ENV = "DLOPBOX_BENCH_LINK"
+
+
+def on_link(rate: str, argv: list[str]) -> int:
+    """Re-run this bench in a network namespace whose loopback is shaped to ``rate``: between machines,
+    the bytes each system sends cost time, which a local copy at memory speed hides."""
+    namespace = f"dlopbox-bench-{os.getpid()}"
+    inside = ["ip", "netns", "exec", namespace]
+    subprocess.run(["ip", "netns", "add", namespace], check=True)
+    try:
+        subprocess.run([*inside, "ip", "link", "set", "lo", "up"], check=True)
+        # burst: at least rate / HZ (tbf refuses less); latency bounds the queue, as a switch's buffer would.
+        subprocess.run([*inside, "tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", rate,
+                        "burst", "1mb", "latency", "50ms"], check=True)
+        return subprocess.run([*inside, sys.executable, *argv], env={**os.environ, LINK_ENV: rate}).returncode
+    finally:
+        subprocess.run(["ip", "netns", "del", namespace], check=False)
+
+
 def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
@@ -474,13 +499,18 @@ def main() -> int:
     parser.add_argument("--delta-only", action="store_true", help="Run W6-W9 only.")
     parser.add_argument("--scaling", type=int, nargs="+", default=[1, 4, 16], help="Slave counts for W1/W2.")
     parser.add_argument("--clients", type=int, default=4, help="Slaves for W3-W5 (default 4).")
+    parser.add_argument("--link", metavar="RATE",
+                        help="Run over a link of this rate shared by every slave (tc's units: 1gbit, 100mbit), "
+                             "lsyncd through an rsync daemon; needs root and iproute2.")
     parser.add_argument("--report", type=Path, help="Write the Markdown report here.")
     parser.add_argument("--json", type=Path, help="Write raw measures as JSON here.")
     args = parser.parse_args()
+    if args.link and os.environ.get(LINK_ENV) != args.link:
+        return on_link(args.link, sys.argv)
     kinds = [args.only] if args.only else ["dlopbox", "lsyncd", "lsyncd-delta"]
     with tempfile.TemporaryDirectory(prefix="dlopbox-bench-") as tmp:
         measures = asyncio.run(bench(kinds, args.scaling, args.clients, Path(tmp), not args.no_delta,
-                                     not args.delta_only))
+                                     not args.delta_only, network=bool(args.link)))
     text = table(measures)
     print(text)
     for path in (args.json, args.report):
@@ -490,8 +520,11 @@ def main() -> int:
         args.json.write_text(json.dumps([m.__dict__ for m in measures], indent=2))
     if args.report:
         load = "\n".join(f"- {line}" for line in LOAD)
+        link = (f"Link: every byte between the processes crosses one {args.link} link (tbf on the loopback of a "
+                f"network namespace of the bench's own), shared by the slaves as a master's uplink is; lsyncd's "
+                f"rsync sends to an rsync daemon over it.\n\n" if args.link else "")
         args.report.write_text(f"# dlopbox vs lsyncd, {time.strftime('%Y-%m-%d')}\n\nMachine: {machine()}\n\n"
-                               f"Command: `tests/bench/run`\n\n{text}\n\n"
+                               f"Command: `tests/bench/run {' '.join(sys.argv[1:])}`\n\n{link}{text}\n\n"
                                f"W1 runs 20 trials, so its p99 is the slowest trial. Load average (1, 5, 15 min) "
                                f"and the cost of creating a file beside its directories as each configuration started:\n\n{load}\n")
     return 0

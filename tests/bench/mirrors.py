@@ -12,6 +12,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -69,9 +70,11 @@ class LsyncdMirror(Mirror):
 
     name = "lsyncd"
 
-    def __init__(self, workdir: Path, clients: int, delta: bool = False) -> None:
+    def __init__(self, workdir: Path, clients: int, delta: bool = False, network: bool = False) -> None:
         super().__init__(workdir, clients)
         self.delta = delta
+        #: Through an rsync daemon on loopback (TCP, as between machines) rather than between local paths.
+        self.network = network
         if delta:
             self.name = "lsyncd-delta"
 
@@ -91,14 +94,27 @@ class LsyncdMirror(Mirror):
             out.append(total)
         return out
 
+    def _rsync_daemon(self) -> list[str]:
+        """An rsync daemon with one module per target: lsyncd's rsync then sends over TCP, as between machines."""
+        port = free_port()
+        modules = "\n".join(f"[slave{i}]\n  path = {t}\n  read only = false\n  use chroot = false\n"
+                            f"  uid = {os.getuid()}\n  gid = {os.getgid()}\n" for i, t in enumerate(self.targets))
+        config = self.workdir / "rsyncd.conf"
+        config.write_text(f"pid file = {self.workdir}/rsyncd.pid\nlog file = {self.workdir}/rsyncd.log\n{modules}")
+        self._spawn("rsyncd", ["rsync", "--daemon", "--no-detach", f"--port={port}", "--address=127.0.0.1",
+                               f"--config={config}"])
+        eventually_blocking(lambda: self.check_alive() or _listening(port), 30, "rsync daemon")
+        return [f"rsync://127.0.0.1:{port}/slave{i}/" for i in range(len(self.targets))]
+
     def start(self) -> None:
-        # rsync copies whole files between local paths unless told otherwise.
+        # rsync copies whole files between local paths unless told otherwise, and sends deltas over a network.
         whole = 'whole_file = false, _extra = { "--no-whole-file", ' if self.delta else "whole_file = true, _extra = { "
+        targets = self._rsync_daemon() if self.network else [f"{t}/" for t in self.targets]
         syncs = "\n".join(
-            f'sync {{ default.rsync, source = "{self.master}/", target = "{t}/", delay = 0, '
+            f'sync {{ default.rsync, source = "{self.master}/", target = "{t}", delay = 0, '
             f'rsync = {{ archive = true, {whole}"--log-file={self.rsync_log(i)}", '
             f'"--log-file-format=XFER %b %n" }} }} }}'
-            for i, t in enumerate(self.targets))
+            for i, t in enumerate(targets))
         config = self.workdir / "lsyncd.conf.lua"
         config.write_text(f'settings {{ nodaemon = true, logfile = "{self.workdir}/lsyncd-internal.log", '
                           f'statusFile = "{self.workdir}/lsyncd.status", statusInterval = 1, maxProcesses = 16 }}\n'
@@ -158,6 +174,11 @@ class DlopboxMirror(Mirror):
         for name in ("nginx", "mongo", "rabbit"):
             if (service := getattr(self, name, None)) is not None:
                 service.stop()
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _http_ok(url: str) -> bool:

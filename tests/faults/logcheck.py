@@ -80,6 +80,7 @@ def main():
     print(json.dumps({"count": len(rows), "first": seqs[0] if seqs else 0, "last": last, "gaps": gaps[:50],
                       "gap_count": len(gaps), "repeated": repeated[:50], "batch_problems": problems[:50],
                       "batches": len(batches), "redundant": redundant[:20], "redundant_count": len(redundant),
+                      "redundant_seqs": [e.get("seq", 0) for e in redundant],
                       "tree": replayed, "state_matches": state == replayed,
                       "state_diff": sorted(p for p in state.keys() | replayed.keys()
                                            if state.get(p) != replayed.get(p))}, ensure_ascii=False))

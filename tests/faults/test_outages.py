@@ -10,6 +10,7 @@ The cases run in file order on the same deployment; each one is bounded in time.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from pathlib import Path
@@ -337,3 +338,85 @@ def test_a_file_the_master_keeps_private_reaches_every_client(system: Deployment
             time.sleep(1)
         case.events_lost, case.converge_s = 0, time.monotonic() - started
         case.happened = "nginx served it (its workers run as root on the read-only volume): every client has its bytes and its mode"
+
+
+TAMPER = r"""
+import json, os, random, shutil, sys, threading, time
+root, seed, max_seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+rng = random.Random(seed)
+stop = threading.Event()
+
+def wait_for_eof():
+    while os.read(0, 4096):
+        pass
+    stop.set()
+
+threading.Thread(target=wait_for_eof, daemon=True).start()
+counts = {"delete": 0, "modify": 0, "add file": 0, "add dir": 0, "chmod": 0}
+deadline = time.monotonic() + max_seconds
+serial = 0
+while time.monotonic() < deadline and not stop.is_set():
+    files = []
+    for dirpath, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".dlopbox")]
+        files += [os.path.join(dirpath, n) for n in names if not n.startswith(".dlopbox")]
+    op = rng.choice(list(counts))
+    serial += 1
+    try:
+        if op in ("delete", "modify", "chmod") and files:
+            path = rng.choice(files)
+            if op == "delete":
+                os.unlink(path)
+            elif op == "modify":
+                with open(path, "ab") as f:
+                    f.write(b"tampered on the slave")
+            else:
+                os.chmod(path, 0o600)
+        elif op == "add file":
+            with open(os.path.join(root, "tamper-%d.txt" % serial), "wb") as f:
+                f.write(os.urandom(100))
+        elif op == "add dir":
+            os.makedirs(os.path.join(root, "tamper-dir-%d" % serial, "inside"))
+        else:
+            continue
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError):
+        continue  # the client or the churn moved it meanwhile
+    counts[op] += 1
+    time.sleep(0.05)
+print(json.dumps({"ops": sum(counts.values()), "counts": counts}))
+"""
+
+
+def test_slave_tampered_under_churn(system: Deployment) -> None:
+    case = system.begin(Case("slave-tampered", "A slave's directory tampered with under churn (local changes undone)",
+                             order=12))
+    with recorded(case):
+        victim = system.clients[-1]
+        mark = since()
+        churn = churn_around(system, case, seed=12)
+        tamper = subprocess.Popen(["docker", "exec", "-i", victim, "python3", "-c", TAMPER,
+                                   f"/sync/churn/{case.key}", "12", "60"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        stdin, tamper.stdin = tamper.stdin, None  # closing it is the stop signal; communicate() must not
+        assert stdin is not None
+        try:
+            time.sleep(10)
+        finally:
+            stdin.close()
+            try:
+                out, err = tamper.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                tamper.kill()
+                raise
+        assert tamper.returncode == 0, f"the tampering failed: {err.decode(errors='replace')[-1000:]}"
+        tampered = json.loads(out.decode().strip().splitlines()[-1])
+        ops = churn.stop()["ops"]
+        settled = system.settle(case)
+        logs = system.logs_since(victim, mark)
+        found, undone = log_count(logs, "local change: "), log_count(logs, "local change undone")
+        assert tampered["ops"] == 0 or found, "the client never saw a local change"
+        counts = ", ".join(f"{n} {op}" for op, n in tampered["counts"].items() if n)
+        case.happened = (f"{ops} changes on the master while {tampered['ops']} local changes were made in one "
+                         f"client's directory ({counts}): it logged {found} local changes and undid {undone} "
+                         f"(the rest were overtaken by the master's own events); every client equal to the master, "
+                         f"{settled.events} events logged once each")

@@ -109,10 +109,20 @@ async def test_past_the_limit_a_writer_syncs_instead_of_holding_more_descriptors
         (shared_dir / rel).write_bytes(data)
     slave = tmp_path / "slave"
     disk = DiskLog(monkeypatch)
-    downloader.unsynced = download.Unsynced(limit=8)
+    downloader.unsynced = unsynced = download.Unsynced(limit=8)
+    held: list[int] = []
+    add = unsynced.add
+
+    def counted_add(fd: int, directory: Path) -> bool:
+        full = add(fd, directory)
+        held.append(len(unsynced))
+        return full
+
+    monkeypatch.setattr(unsynced, "add", counted_add)
     await asyncio.gather(*(downloader.install(rel, slave / rel, version_of(shared_dir / rel)) for rel in files))
     assert len(downloader.unsynced) < 8
-    assert downloader.unsynced.syncs >= 50 // 8
+    # Installs go on while a sync runs (4 at a time here): the descriptors held stay near the limit.
+    assert max(held) <= 8 + 4 and downloader.unsynced.syncs >= 50 // (8 + 4)
     fsynced = disk.fsynced()
     synced_files = sum((slave / rel).stat().st_ino in fsynced for rel in files)
     assert synced_files == downloader.unsynced.files == 50 - len(downloader.unsynced)

@@ -159,14 +159,25 @@ class DlopboxMirror(Mirror):
             "DLOPBOX_MONGO_URL": self.mongo.url, "DLOPBOX_AMQP_URL": self.rabbit.interface_url})
         eventually_blocking(lambda: self.check_alive() or _http_ok(interface_url + "/healthz"), 60, "interface")
         self._spawn("watcher", [*dlopbox, "watch"], {**base, "DLOPBOX_ROOT": str(self.master)})
+        self._base = base
         for i, target in enumerate(self.targets):
-            self._spawn(f"client{i}", [*dlopbox, "client"], {
-                **base, "DLOPBOX_CLIENT_ID": self.client_ids[i], "DLOPBOX_TARGET": str(target),
-                "DLOPBOX_AMQP_URL": self.rabbit.client_url, "DLOPBOX_FILES_URL": self.nginx.url})
+            self._spawn_client(f"client{i}", self.client_ids[i], target)
         probe = self.master / f"probe-{secrets.token_hex(3)}"
         probe.write_text("ready")
         eventually_blocking(lambda: self.check_alive() or all((t / probe.name).exists() for t in self.targets), 120, "dlopbox")
         probe.unlink()
+
+    def _spawn_client(self, name: str, client_id: str, target: Path) -> None:
+        self._spawn(name, [sys.executable, "-m", "dlopbox", "client"], {
+            **self._base, "DLOPBOX_CLIENT_ID": client_id, "DLOPBOX_TARGET": str(target),
+            "DLOPBOX_AMQP_URL": self.rabbit.client_url, "DLOPBOX_FILES_URL": self.nginx.url})
+
+    def add_client(self, target: Path) -> None:
+        """A slave that joins late: its first sync comes from the manifest. Not among ``targets``."""
+        target.mkdir(parents=True, exist_ok=True)
+        client_id = f"bench-late-{secrets.token_hex(2)}"
+        self.client_ids.append(client_id)
+        self._spawn_client(f"late-{client_id}", client_id, target)
 
     def stop(self) -> None:
         """Also after a start that failed half-way: whatever was started is stopped."""

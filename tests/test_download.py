@@ -200,6 +200,56 @@ async def test_cancelled_installs_leave_the_new_file_or_nothing_never_a_temp_fil
     await asyncio.to_thread(downloader.unsynced.sync)  # whatever was installed: no descriptor left behind
 
 
+async def test_small_files_are_installed_without_a_thread_hop_and_verified_all_the_same(
+        downloader: Downloader, shared_dir: Path, tmp_path: Path, monkeypatch):
+    """The fast path for small files: received whole and installed on the loop, each checked before its rename."""
+    files = {f"d{i % 3}/f{i:03d}": os.urandom(download.INLINE_MAX if i == 0 else 2048 + i) for i in range(60)}
+    for rel, data in files.items():
+        (shared_dir / rel).parent.mkdir(exist_ok=True)
+        (shared_dir / rel).write_bytes(data)
+    slave = tmp_path / "slave"
+    hops: list[object] = []
+    loop = asyncio.get_running_loop()
+    run_in_executor = loop.run_in_executor
+
+    def counted(executor, func, *args):
+        hops.append(func)
+        return run_in_executor(executor, func, *args)
+
+    monkeypatch.setattr(loop, "run_in_executor", counted)
+    versions = {rel: version_of(shared_dir / rel) for rel in files}
+    (shared_dir / "d1/f001").write_bytes(b"replaced on the master meanwhile")
+    results = await asyncio.gather(*(downloader.install(rel, slave / rel, versions[rel]) for rel in files),
+                                   return_exceptions=True)
+    assert hops == [], "no thread hop for a file of at most INLINE_MAX bytes"
+    assert [type(r) for r, rel in zip(results, files) if rel == "d1/f001"] == [StaleContent]
+    assert not (slave / "d1/f001").exists()
+    for rel, data in files.items():
+        if rel != "d1/f001":
+            assert (slave / rel).read_bytes() == data
+    assert not leftovers(slave)
+
+
+@pytest.mark.parametrize("after", [0.0, 0.002, 0.01])
+async def test_cancelled_small_installs_leave_the_new_file_or_nothing(
+        downloader: Downloader, shared_dir: Path, tmp_path: Path, after: float):
+    files = {f"f{i}": os.urandom(4096) for i in range(100)}
+    for rel, data in files.items():
+        (shared_dir / rel).write_bytes(data)
+    slave = tmp_path / "slave"
+    slave.mkdir()
+    tasks = [asyncio.create_task(downloader.install(rel, slave / rel, version_of(shared_dir / rel))) for rel in files]
+    await asyncio.sleep(after)
+    for task in tasks:
+        task.cancel()
+    await asyncio.wait(tasks)
+    for rel, data in files.items():
+        if (slave / rel).exists():
+            assert (slave / rel).read_bytes() == data
+    assert not leftovers(slave)
+    await asyncio.to_thread(downloader.unsynced.sync)
+
+
 async def test_a_file_already_there_is_not_downloaded_and_an_empty_file_needs_no_transfer(
         downloader: Downloader, shared_dir: Path, tmp_path: Path):
     (shared_dir / "a").write_bytes(b"content")

@@ -103,3 +103,35 @@ async def test_a_write_already_explained_by_a_dispatched_event_is_not_watched(fi
     writes = UnexplainedWrites(finder, lambda seq: None)
     writes.watch("f", 5)
     assert writes.writes == {}
+
+
+def dir_move(path: str, dest: str, seq: int) -> Event:
+    return Event(Op.MOVE, path, dest=dest, is_dir=True, mode=0o755, seq=seq)
+
+
+async def test_a_move_of_its_directory_carries_a_watched_write_and_it_resyncs_if_nothing_else_explains_it(
+        finder: FateFinder, interface: FakeInterface, monkeypatch):
+    """The client renames its directory, where the file it never got is not: the write stays watched at its
+    new path (seen on every slave: files written just before their directory moved, while MongoDB was down)."""
+    requested: list[int] = []
+    writes = UnexplainedWrites(finder, requested.append)
+    writes.watch("d/f", 5)
+    writes.explained_by(dir_move("d", "e", 6))
+    assert set(writes.writes) == {"e/f"} and writes.writes["e/f"][0] == 6
+    writes.explained_by(dir_move("e", "x/e", 7))
+    writes.explained_by(Event(Op.DELETE, "e/f", seq=8))  # about what stood at the old path: not this file
+    assert set(writes.writes) == {"x/e/f"}
+    finder.recent.extend([write("a/f", 10), dir_move("a", "b", 11)])  # dispatched before the watch begins
+    writes.watch("a/f", 10)
+    assert set(writes.writes) == {"x/e/f", "b/f"}
+    writes.explained_by(write("b/f", 12))  # a newer version at the new path explains it
+    assert set(writes.writes) == {"x/e/f"}
+
+    monkeypatch.setattr(fate, "STALE_PATIENCE", 0.0)
+    writes.watch("x/e/f", 7)  # the deadline is now
+    loop = asyncio.create_task(writes.loop())
+    try:
+        await eventually(lambda: requested, 5, "a resync for the file its directory's move did not bring")
+    finally:
+        loop.cancel()
+    assert requested == [7] and writes.writes == {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import stat
 import threading
 from pathlib import Path
 
@@ -312,3 +313,25 @@ async def test_a_transfer_gone_silent_is_abandoned_and_retried(tmp_path: Path, m
     assert silent.is_set() and requests == [1, 2]
     assert (tmp_path / "f").read_bytes() == data
     assert not leftovers(tmp_path)
+
+
+async def test_a_directory_removed_before_its_fsync_is_skipped_and_an_io_error_still_raised(
+        downloader: Downloader, shared_dir: Path, tmp_path: Path, monkeypatch):
+    (shared_dir / "a").write_bytes(b"content")
+    slave = tmp_path / "slave"
+    await downloader.install("a", slave / "a", version_of(shared_dir / "a"))
+    fsync = os.fsync
+
+    def gone_directory(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise FileNotFoundError(2, "No such file or directory")
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", gone_directory)
+    await asyncio.to_thread(downloader.unsynced.sync)  # does not raise: nothing of it left to make durable
+    assert len(downloader.unsynced) == 0
+
+    await downloader.install("a", slave / "b", version_of(shared_dir / "a"))
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(5, "Input/output error")))
+    with pytest.raises(OSError, match="Input/output"):
+        await asyncio.to_thread(downloader.unsynced.sync)

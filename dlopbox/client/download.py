@@ -386,6 +386,8 @@ class Unsynced:
             for fd in fds:
                 try:
                     os.fsync(fd)
+                except FileNotFoundError:
+                    pass  # removed since (some file systems say so): nothing of it to make durable
                 except OSError as exc:  # EIO: these bytes may be lost; the state must not claim them
                     error = error or exc
                 finally:
@@ -397,6 +399,10 @@ class Unsynced:
                     continue  # removed or replaced since: nothing of ours left to make durable there
                 try:
                     os.fsync(dir_fd)
+                except FileNotFoundError:
+                    # Removed between the open and the fsync: seen in a container under churn, where
+                    # it stopped the client (every task of its group cancelled) until Docker restarted it.
+                    pass
                 except OSError as exc:
                     error = error or exc
                 finally:

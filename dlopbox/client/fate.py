@@ -64,10 +64,6 @@ class FateFinder:
         assert event.seq is not None
         return await self.follow(event.path, event.seq, ask_path=False)
 
-    def explained_recently(self, path: str, seq: int) -> bool:
-        """Whether an event dispatched after ``seq`` accounts for the bytes at ``path`` being gone."""
-        return any(later.seq is not None and later.seq > seq and _explains(later, path) for later in self.recent)
-
     async def follow(self, path: str, after: int, ask_path: bool = True) -> Fate:
         """Where ``path`` went after seq ``after``; ``ask_path``: past the log's window, ask about it alone."""
         while True:
@@ -121,17 +117,26 @@ class UnexplainedWrites:
 
     def watch(self, path: str, seq: int) -> None:
         """Go on without the write; a newer event about ``path`` should follow, or the client resyncs."""
-        if self.finder.explained_recently(path, seq):
-            return  # it arrived meanwhile (applied already, or still waiting in the scheduler)
-        deadline = asyncio.get_running_loop().time() + STALE_PATIENCE
+        for later in self.finder.recent:  # dispatched meanwhile (applied already, or waiting in the scheduler)
+            if later.seq is None or later.seq <= seq:
+                continue
+            if (moved := _carried(later, path)) is not None:
+                path, seq = moved, later.seq
+            elif _explains(later, path):
+                return
+        self._watch(path, seq, asyncio.get_running_loop().time() + STALE_PATIENCE)
+
+    def _watch(self, path: str, seq: int, deadline: float) -> None:
         previous = self.writes.get(path)
         self.writes[path] = (seq, deadline if previous is None else min(previous[1], deadline))
 
     def explained_by(self, event: Event) -> None:
         assert event.seq is not None
-        for path, (seq, _) in list(self.writes.items()):
+        for path, (seq, deadline) in list(self.writes.items()):
             if event.seq > seq and _explains(event, path):
                 del self.writes[path]
+                if (moved := _carried(event, path)) is not None:
+                    self._watch(moved, event.seq, deadline)
 
     def clear(self) -> None:
         """A resync brought whatever those writes were missing."""
@@ -149,8 +154,10 @@ class UnexplainedWrites:
             for path, seq in overdue:
                 # The interface's log may know what the queue has not delivered yet.
                 fate = await self.finder.follow(path, seq)
-                if fate.superseded or fate.path != path:
+                if fate.superseded:
                     self.writes.pop(path, None)
+                # Moved on the master (perhaps with its directory, which carries no missing file): the
+                # resync below brings it wherever it is now.
             overdue = [(path, seq) for path, seq in overdue if path in self.writes]
             if overdue:
                 path, seq = min(overdue, key=lambda item: item[1])
@@ -174,6 +181,19 @@ class _LogWindow:
         self.after, self.read_at, self.events = after, read_at, events
         self.full = len(events) >= LOG_WINDOW  # more may follow that it does not hold
         self.last_seq = max((e.seq for e in events if e.seq is not None), default=after)
+
+
+def _carried(event: Event, path: str) -> str | None:
+    """Where a directory's move takes ``path``, a file below it; None for any other event.
+
+    Such a move explains nothing: the client renames its directory, and a file it never got is not
+    in it. Its bytes are now expected at the new path, and watched there (seen: files written into a
+    directory just before the master moved it, while MongoDB was down, missing on every slave).
+    """
+    if event.op is Op.MOVE and event.is_dir and path != event.path and is_within(path, event.path):
+        assert event.dest is not None
+        return event.dest + path[len(event.path):]
+    return None
 
 
 def _explains(event: Event, path: str) -> bool:

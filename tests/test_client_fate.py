@@ -22,6 +22,15 @@ def write(path: str, seq: int) -> Event:
     return Event(Op.WRITE, path, size=4, mtime_ns=1, mode=0o644, digest="a" * 64, seq=seq)
 
 
+async def until_resync_requested(writes: UnexplainedWrites, requested: list[int]) -> None:
+    """Run the watch's loop until it asks for a resync."""
+    loop = asyncio.create_task(writes.loop())
+    try:
+        await eventually(lambda: requested, 5, "a resync request for the write nothing explains")
+    finally:
+        loop.cancel()
+
+
 @pytest.fixture
 async def interface(tmp_path) -> AsyncIterator[FakeInterface]:
     fake = FakeInterface(tmp_path)
@@ -90,11 +99,7 @@ async def test_an_unexplained_write_is_cleared_by_a_later_event_and_resyncs_only
     writes.watch("logged", 8)
     writes.watch("lost", 9)
     interface.events = [Event(Op.DELETE, "logged", seq=10)]
-    loop = asyncio.create_task(writes.loop())
-    try:
-        await eventually(lambda: requested, 5, "a resync request for the write nothing explains")
-    finally:
-        loop.cancel()
+    await until_resync_requested(writes, requested)
     assert requested == [9] and writes.writes == {}
 
 
@@ -129,9 +134,5 @@ async def test_a_move_of_its_directory_carries_a_watched_write_and_it_resyncs_if
 
     monkeypatch.setattr(fate, "STALE_PATIENCE", 0.0)
     writes.watch("x/e/f", 7)  # the deadline is now
-    loop = asyncio.create_task(writes.loop())
-    try:
-        await eventually(lambda: requested, 5, "a resync for the file its directory's move did not bring")
-    finally:
-        loop.cancel()
+    await until_resync_requested(writes, requested)
     assert requested == [7] and writes.writes == {}

@@ -182,9 +182,10 @@ async def test_wrong_bytes_leave_the_old_file_and_no_temp_file(downloader: Downl
 
 
 @pytest.mark.parametrize("after", [0.0, 0.005, 0.02])
+@pytest.mark.parametrize(("count", "size"), [(20, 300_000), (100, 4096)], ids=["streamed", "inline"])
 async def test_cancelled_installs_leave_the_new_file_or_nothing_never_a_temp_file(
-        downloader: Downloader, shared_dir: Path, tmp_path: Path, after: float):
-    files = {f"f{i}": os.urandom(300_000) for i in range(20)}
+        downloader: Downloader, shared_dir: Path, tmp_path: Path, after: float, count: int, size: int):
+    files = {f"f{i}": os.urandom(size) for i in range(count)}
     for rel, data in files.items():
         (shared_dir / rel).write_bytes(data)
     slave = tmp_path / "slave"
@@ -229,26 +230,6 @@ async def test_small_files_are_installed_without_a_thread_hop_and_verified_all_t
         if rel != "d1/f001":
             assert (slave / rel).read_bytes() == data
     assert not leftovers(slave)
-
-
-@pytest.mark.parametrize("after", [0.0, 0.002, 0.01])
-async def test_cancelled_small_installs_leave_the_new_file_or_nothing(
-        downloader: Downloader, shared_dir: Path, tmp_path: Path, after: float):
-    files = {f"f{i}": os.urandom(4096) for i in range(100)}
-    for rel, data in files.items():
-        (shared_dir / rel).write_bytes(data)
-    slave = tmp_path / "slave"
-    slave.mkdir()
-    tasks = [asyncio.create_task(downloader.install(rel, slave / rel, version_of(shared_dir / rel))) for rel in files]
-    await asyncio.sleep(after)
-    for task in tasks:
-        task.cancel()
-    await asyncio.wait(tasks)
-    for rel, data in files.items():
-        if (slave / rel).exists():
-            assert (slave / rel).read_bytes() == data
-    assert not leftovers(slave)
-    await asyncio.to_thread(downloader.unsynced.sync)
 
 
 async def test_a_file_already_there_is_not_downloaded_and_an_empty_file_needs_no_transfer(
